@@ -1,0 +1,138 @@
+"""RISE: Randomized Input Sampling for Explanation (Petsiuk et al., BMVC 2018).
+
+N random masks M_i: an s x s grid of Bernoulli(p1) cells (s = ``cell``), bilinearly upsampled
+to (s + 1) * ceil(H / s), shifted by a random 0..ceil(H / s) - 1 pixels in each direction and
+cropped to H x W. For class c:
+
+    saliency_c = 1 / (N * p1) * sum_i p_c(X (.) M_i) * M_i,   then min-max.
+
+``variant``: ``paper`` and ``reference`` are the same computation (the L-CAM authors ran
+RISE's own code).
+``fill``: 'mean' (default, RISE's own code: the *normalised* image is masked, so removed
+pixels take the dataset mean colour) or 'black' (the [0, 1] image is masked).
+
+The mask set is defined by (n_masks, cell, p1, size, seed) alone and identified by a
+SHA-256 hash; only the s x s grids and shifts are kept, and full-size masks are rebuilt one
+batch at a time, so memory grows with ``batch_size``, never with N. Cost: N forwards.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .base import Explainer, Param
+from .registry import REGISTRY
+
+DEFAULT_MASKS = {"vgg16": 4000, "vgg16_7x7": 4000, "resnet50": 8000}
+
+
+class MaskSet:
+    """A seeded RISE mask set, rebuilt lazily batch by batch (see module docstring)."""
+
+    def __init__(self, n_masks: int, cell: int, p1: float, size: tuple[int, int], seed: int):
+        self.n_masks, self.cell, self.p1, self.size, self.seed = n_masks, cell, p1, tuple(size), seed
+        gen = torch.Generator().manual_seed(seed)
+        self.grids = (torch.rand(n_masks, 1, cell, cell, generator=gen) < p1).float()
+        self.cell_px = (math.ceil(size[0] / cell), math.ceil(size[1] / cell))
+        self.shifts = torch.stack([torch.randint(0, self.cell_px[0], (n_masks,), generator=gen),
+                                   torch.randint(0, self.cell_px[1], (n_masks,), generator=gen)], 1)
+        h = hashlib.sha256()
+        h.update(f"rise-v1|{n_masks}|{cell}|{p1!r}|{self.size}|{seed}|".encode())
+        h.update(self.grids.to(torch.uint8).numpy().tobytes())
+        h.update(self.shifts.numpy().astype("int64").tobytes())
+        self.hash = h.hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return self.n_masks
+
+    def batch(self, start: int, stop: int, device=None) -> torch.Tensor:
+        """Masks start..stop-1 as a (n, H, W) float tensor in [0, 1]."""
+        (h, w), (ch, cw) = self.size, self.cell_px
+        up = F.interpolate(self.grids[start:stop].to(device), size=((self.cell + 1) * ch,
+                           (self.cell + 1) * cw), mode="bilinear", align_corners=False)[:, 0]
+        out = torch.empty(len(up), h, w, device=up.device)
+        for i, (dy, dx) in enumerate(self.shifts[start:stop].tolist()):
+            out[i] = up[i, dy:dy + h, dx:dx + w]
+        return out
+
+
+@lru_cache(maxsize=8)
+def mask_set(n_masks: int, cell: int, p1: float, size: tuple[int, int], seed: int) -> MaskSet:
+    """The shared mask set for these parameters (generated once per process)."""
+    return MaskSet(n_masks, cell, p1, size, seed)
+
+
+@REGISTRY.register("rise", display_name="RISE", family="perturbation",
+                   paper="Petsiuk et al., RISE, BMVC 2018")
+class RISE(Explainer):
+    """RISE: the class probability of randomly masked copies, averaged over the masks."""
+
+    name = "rise"
+    display_name = "RISE"
+    family = "perturbation"
+    paper = "Petsiuk et al., BMVC 2018"
+    variants = ("paper", "reference")
+    normalise_at = "input"
+    params = {
+        "n_masks": Param(int, None, "number of masks N (default 4000 VGG-16, 8000 ResNet-50)"),
+        "cell": Param(int, 7, "grid size s"),
+        "p1": Param((int, float), 0.5, "probability that a grid cell is kept"),
+        "seed": Param(int, 0, "seed of the mask set"),
+        "fill": Param(str, "mean", "'mean' (mask the normalised image) or 'black'"),
+        "batch_size": Param(int, 64, "masked images per forward"),
+    }
+
+    def setup(self) -> None:
+        cfg = self.config
+        if cfg["n_masks"] is None:
+            cfg["n_masks"] = DEFAULT_MASKS.get(getattr(self.backbone, "name", ""), 4000)
+        problems = []
+        if cfg["n_masks"] < 1:
+            problems.append("n_masks must be >= 1")
+        if cfg["cell"] < 1:
+            problems.append("cell must be >= 1")
+        if not 0 < cfg["p1"] <= 1:
+            problems.append("p1 must be in (0, 1]")
+        if cfg["fill"] not in ("mean", "black"):
+            problems.append(f"fill must be 'mean' or 'black', got {cfg['fill']!r}")
+        if cfg["batch_size"] < 1:
+            problems.append("batch_size must be >= 1")
+        if problems:
+            raise ValueError("rise: " + "; ".join(problems))
+
+    @property
+    def forward_passes(self) -> int:
+        return self.config["n_masks"]
+
+    def masks_for(self, size: tuple[int, int]) -> MaskSet:
+        c = self.config
+        return mask_set(c["n_masks"], c["cell"], float(c["p1"]), tuple(size), c["seed"])
+
+    def describe(self) -> dict:
+        info = super().describe()
+        size = getattr(self.backbone, "input_size", (224, 224))
+        info["rise_mask_hash"] = self.masks_for(tuple(size)).hash
+        return info
+
+    @torch.no_grad()
+    def _saliency(self, images, feats, logits, targets):
+        c = self.config
+        size = tuple(images.shape[-2:])
+        masks = self.masks_for(size)
+        self.last_mask_hash = masks.hash
+        bb = self.backbone
+        black = c["fill"] == "black"
+        inputs = images if black else bb.normalize(images)
+        acc = torch.zeros(len(images), *size, device=images.device)
+        for start in range(0, len(masks), c["batch_size"]):
+            m = masks.batch(start, min(start + c["batch_size"], len(masks)), images.device)
+            for b in range(len(images)):
+                batch = inputs[b:b + 1] * m[:, None]
+                out = bb(batch) if black else bb.forward_normalized(batch)
+                p = out.softmax(dim=1)[:, targets[b]]
+                acc[b] += torch.einsum("n,nhw->hw", p, m)
+        return acc / (len(masks) * float(c["p1"]))
