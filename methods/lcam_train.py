@@ -77,11 +77,18 @@ def dropout_active(backbone: nn.Module, active: bool):
             m.training = False
 
 
-def train_step(backbone, head, images, gt_labels, cfg: TrainConfig, optimizer=None) -> dict:
-    """One batch: labels, training forward, loss; an optimiser step when ``optimizer`` given."""
-    with torch.no_grad():
-        feats = backbone.features(images)
-        labels = backbone.head(feats).argmax(1) if cfg.labels == "model" else gt_labels
+def train_step(backbone, head, images, gt_labels, cfg: TrainConfig, optimizer=None,
+               feats: torch.Tensor | None = None, model_labels: torch.Tensor | None = None) -> dict:
+    """One batch: labels, training forward, loss; an optimiser step when ``optimizer`` given.
+
+    ``feats`` and ``model_labels`` (the clean forward's A and top-1) may be passed in when
+    several heads train on the same batch, so the clean forward runs once for all of them.
+    """
+    if feats is None or (cfg.labels == "model" and model_labels is None):
+        with torch.no_grad():
+            feats = backbone.features(images)
+            model_labels = backbone.head(feats).argmax(1)
+    labels = model_labels if cfg.labels == "model" else gt_labels
     with dropout_active(backbone, cfg.variant == "reference" and optimizer is not None):
         cams, logits = training_forward(backbone, head, cfg.mode, images, labels, feats)
     terms = lcam_loss(cams, labels, logits, cfg.lambdas, cfg.variant)
@@ -99,7 +106,8 @@ def run_epoch(backbone, head, loader: Iterable, cfg: TrainConfig, optimizer=None
     """Mean loss terms over one pass of ``loader`` (training when ``optimizer`` is given)."""
     sums: dict[str, float] = {}
     n = 0
-    for images, gt in loader:
+    for batch in loader:
+        images, gt = batch[0], batch[1]
         step = train_step(backbone, head, images.to(device), gt.to(device), cfg, optimizer)
         for k, v in step.items():
             if k != "n":
