@@ -1,0 +1,169 @@
+"""Sharded evaluation: one Ray task per shard of the evaluation set, rows to Parquet.
+
+A shard task loads the backbone and the explainer *inside the task* (cached per worker
+process), explains its images, scores them with ``harness.protocol.Evaluator`` and writes
+one row per image atomically (temp name starting with '.', then ``os.replace``), so a
+finished shard is never rewritten and a rerun skips it. Rows:
+
+    image_id, class_explained, ground_truth, Y, O_<k> for every kept fraction,
+    degenerate, forward_passes (measured), seconds (explanation wall time per image), shard
+
+``aggregate`` reads the shards back and computes AD, IC (protocol.py), #FW and timing.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .protocol import Evaluator, ProtocolPreset, average_drop, fraction_key, increase_in_confidence
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a shard task needs, as plain data (no models captured in closures)."""
+
+    shard: int
+    indices: tuple[int, ...]          # positions in the evaluation dataset
+    out_path: str
+    backbone: str
+    weights: Any
+    method: str
+    variant: str | None
+    params: tuple                     # sorted (key, value) pairs
+    checkpoint: str | None
+    data: tuple                       # sorted (key, value) pairs for harness.data.build_dataset
+    fractions: tuple[float, ...]
+    preset: tuple                     # sorted ProtocolPreset fields
+    batch_size: int
+    seed: int
+    num_threads: int = 1
+    use_gpu: bool = False
+    save_maps: int = 0                # keep the first N images' maps (for the overlay grid)
+
+
+@lru_cache(maxsize=4)
+def _load_backbone(name: str, weights: Any, device: str):
+    import backbones
+    return backbones.load(name, weights=weights).to(device)
+
+
+@lru_cache(maxsize=4)
+def _load_dataset(data: tuple):
+    from .data import build_dataset
+    return build_dataset(**dict(data))
+
+
+def _explainer(job: ShardJob, backbone):
+    import methods
+    params = dict(job.params)
+    if job.checkpoint:
+        params["checkpoint"] = job.checkpoint
+    return methods.create(job.method, backbone, variant=job.variant, **params)
+
+
+def columns(fractions) -> list[str]:
+    return [f"O_{fraction_key(f)}" for f in fractions]
+
+
+def run_shard(job: ShardJob) -> dict:
+    """Evaluate one shard and write its Parquet file; returns a small summary."""
+    out = Path(job.out_path)
+    if out.exists():
+        return {"shard": job.shard, "path": str(out), "rows": pq.read_metadata(out).num_rows,
+                "reused": True}
+    torch.set_num_threads(max(1, job.num_threads))
+    torch.manual_seed(job.seed + job.shard)
+    device = "cuda" if job.use_gpu and torch.cuda.is_available() else "cpu"
+    backbone = _load_backbone(job.backbone, job.weights, device)
+    explainer = _explainer(job, backbone)
+    evaluator = Evaluator(backbone, job.fractions, ProtocolPreset(**dict(job.preset)))
+    dataset = _load_dataset(job.data)
+    rows: dict[str, list] = {k: [] for k in ("image_id", "class_explained", "ground_truth", "Y",
+                                             *columns(job.fractions), "degenerate",
+                                             "forward_passes", "seconds", "shard")}
+    kept: dict[str, list] = {"images": [], "maps": [], "ids": []}
+    for start in range(0, len(job.indices), job.batch_size):
+        items = [dataset[i] for i in job.indices[start:start + job.batch_size]]
+        images = torch.stack([it[0] for it in items]).to(device)
+        t0 = time.perf_counter()
+        saliency = explainer.explain(images)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / len(items)
+        scores = evaluator.evaluate(images, saliency)
+        degenerate = scores.degenerate | explainer.last_degenerate
+        room = job.save_maps - len(kept["ids"])
+        if room > 0:
+            kept["images"] += list(images[:room].cpu())
+            kept["maps"] += list(saliency[:room].cpu())
+            kept["ids"] += [str(it[2]) for it in items[:room]]
+        for j, (_, label, image_id) in enumerate(items):
+            rows["image_id"].append(str(image_id))
+            rows["class_explained"].append(int(scores.targets[j]))
+            rows["ground_truth"].append(int(label))
+            rows["Y"].append(float(scores.y[j]))
+            for col, value in zip(columns(job.fractions), scores.o[j].tolist()):
+                rows[col].append(float(value))
+            rows["degenerate"].append(bool(degenerate[j]))
+            rows["forward_passes"].append(float(explainer.last_forward_passes))
+            rows["seconds"].append(seconds)
+            rows["shard"].append(job.shard)
+    if kept["ids"]:
+        maps = out.with_name(f"maps-{job.shard:05d}.pt")
+        tmp = maps.with_name(f".{maps.name}.{os.getpid()}.tmp")
+        torch.save({"images": torch.stack(kept["images"]), "maps": torch.stack(kept["maps"]),
+                    "ids": kept["ids"]}, tmp)
+        os.replace(tmp, maps)
+    write_table_atomic(pa.table(rows), out)
+    return {"shard": job.shard, "path": str(out), "rows": len(rows["image_id"]), "reused": False}
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_rows(paths: list[Path]) -> pa.Table:
+    """Concatenate shard files (sorted by shard) into one table."""
+    tables = [pq.read_table(p) for p in sorted(paths)]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def aggregate(table: pa.Table, fractions, nominal_fw: int, expected_rows: int) -> dict[str, float]:
+    """AD/IC at each fraction, FW (nominal), FW_measured, seconds_per_image, counts."""
+    n = table.num_rows
+    if n != expected_rows:
+        raise RuntimeError(f"evaluation has {n} rows, expected {expected_rows}: refusing to "
+                           "report numbers from partial or doubled data")
+    ids = table.column("image_id").to_pylist()
+    if len(set(ids)) != n:
+        raise RuntimeError("evaluation rows contain duplicated image ids")
+    y = torch.tensor(table.column("Y").to_pylist(), dtype=torch.float64)
+    out: dict[str, float] = {}
+    for f, col in zip(fractions, columns(fractions)):
+        o = torch.tensor(table.column(col).to_pylist(), dtype=torch.float64)
+        out[f"AD_{fraction_key(f)}"] = average_drop(y, o)
+        out[f"IC_{fraction_key(f)}"] = increase_in_confidence(y, o)
+    fw = table.column("forward_passes").to_pylist()
+    secs = table.column("seconds").to_pylist()
+    out["FW"] = float(nominal_fw)
+    out["FW_measured"] = float(sum(fw) / n) if n else math.nan
+    out["seconds_per_image"] = float(sum(secs) / n) if n else math.nan
+    out["degenerate_maps"] = float(sum(table.column("degenerate").to_pylist()))
+    out["images"] = float(n)
+    return out

@@ -1,0 +1,368 @@
+"""``python -m harness run SPEC``: the benchmark, end to end, on Ray and MLflow.
+
+Steps, all resumable (everything finished is kept under the cache and reused):
+1. data: the embedded quickstart set is generated on first use; ImageNet is read in place;
+2. backbones: loaded in the driver once (the embedded ones train on first use);
+3. L-CAM heads: for each backbone, every learned method without a ``checkpoint`` is trained
+   by one Ray Train fit per head group (``harness.training``); heads are cached by a hash of
+   everything that determines them;
+4. evaluation: each backbone x method is split into shards of ``images_per_task`` images,
+   one Ray task each (``harness.evaluation.run_shard``), rows written to Parquet atomically;
+5. MLflow: a parent run per spec, a child per backbone x method with params, tags, metrics
+   and artifacts (``harness.tracking``); 6. a rich table laid out like the paper's Table 1.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import backbones
+import methods
+from methods.lcam_train import TrainConfig
+
+from . import evaluation, table
+from .evaluation import ShardJob
+from .paths import cache_dir
+from .protocol import PAPER, ProtocolPreset, fraction_key
+from .tracking import Tracker, git_commit, package_versions, tracking_uri
+from .training import fit_heads, ray_env_defaults, train_config_dict, write_heads
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def stable_hash(obj: Any, n: int = 12) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Cell:
+    """One backbone x method of the benchmark and everything resolved for it."""
+
+    backbone: Any            # BackboneSpec
+    method: Any              # MethodSpec
+    run_id: str = ""
+    checkpoint: Path | None = None
+    train_cfg: TrainConfig | None = None
+    shard_dir: Path | None = None
+    jobs: list[ShardJob] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.backbone.name}/{self.method.id}"
+
+    @property
+    def learned(self) -> bool:
+        return methods.method_class(self.method.name).family == "learned"
+
+
+def preset_of(spec) -> ProtocolPreset:
+    p = spec.evaluation.preset
+    return PAPER if p in (None, "paper") else ProtocolPreset(name="custom", **dict(p))
+
+
+def data_kwargs(spec, split: str, input_size, train: bool) -> dict:
+    d = spec.data
+    return {"kind": d.kind, "split": split, "input_size": tuple(input_size),
+            "root": d.root, "list_file": None if train else d.list_file,
+            "random_count": None if train else d.random_count,
+            "limit": d.train_limit if train else d.limit, "seed": spec.seed,
+            "on_bad_image": d.on_bad_image, "train": train}
+
+
+def init_ray(spec) -> None:
+    import ray
+    if ray.is_initialized():
+        return
+    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("HARNESS_", "MLFLOW_", "RAY_TRAIN_", "OMP_"))}
+    env["HARNESS_CACHE_DIR"] = str(cache_dir())
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": env})
+
+
+class BenchmarkRun:
+    """The state of one ``run``; see the module docstring for the steps."""
+
+    def __init__(self, spec, console: Console | None = None):
+        self.spec = spec
+        self.console = console or Console()
+        self.cache = cache_dir()
+        self.fractions = tuple(spec.evaluation.keep_fractions)
+        self.preset = preset_of(spec)
+        self.cells = [Cell(b, m) for b in spec.backbones for m in spec.methods
+                      if not getattr(b, "methods", None) or m.id in b.methods]
+        self.loaded: dict[str, Any] = {}
+        self.eval_sets: dict[str, Any] = {}
+
+    # -- 1-2: data and backbones ----------------------------------------------------------
+    def prepare(self, progress: Progress) -> None:
+        if self.spec.data.kind == "quickstart":
+            from .quickstart import ensure_quickstart
+            task = progress.add_task("quickstart data", total=None)
+
+            def tick(done, total):
+                progress.update(task, completed=done, total=total)
+            ensure_quickstart(progress=tick)
+            progress.update(task, completed=1, total=1)
+        for b in self.spec.backbones:
+            task = progress.add_task(f"backbone {b.name}", total=None)
+            self.loaded[b.name] = backbones.load(b.name, weights=b.weights)
+            progress.update(task, completed=1, total=1)
+        from .data import build_dataset, list_hash
+        for b in self.spec.backbones:
+            kw = data_kwargs(self.spec, "val", self.loaded[b.name].input_size, train=False)
+            ds = build_dataset(**kw)
+            self.eval_sets[b.name] = (kw, ds, list_hash(ds))
+
+    # -- 3: heads -------------------------------------------------------------------------
+    def plan_heads(self) -> dict[tuple, list[Cell]]:
+        groups: dict[tuple, list[Cell]] = {}
+        for cell in self.cells:
+            if not cell.learned:
+                continue
+            if cell.method.checkpoint:
+                cell.checkpoint = Path(cell.method.checkpoint)
+                continue
+            t = self.spec.train_for(cell.backbone, cell.method)
+            mode = methods.method_class(cell.method.name).mode
+            cell.train_cfg = TrainConfig(mode=mode, epochs=t.epochs, lr=t.lr, lr_decay=t.lr_decay,
+                                         lambdas=(t.lambda1, t.lambda2, t.lambda3, t.lambda4),
+                                         variant=t.variant, labels=t.labels, seed=self.spec.seed)
+            bb = self.loaded[cell.backbone.name]
+            data = data_kwargs(self.spec, "train", bb.input_size, train=True)
+            group = (cell.backbone.name, t.batch_size, t.workers, bool(t.use_gpu),
+                     json.dumps(data, sort_keys=True, default=str))
+            identity = {"backbone": bb.name, "weights": bb.weights_id, "group": group,
+                        "cfg": train_config_dict(cell.train_cfg)}
+            cell.checkpoint = self.cache / "heads" / bb.name / f"{mode}-{stable_hash(identity)}.pt"
+            if not cell.checkpoint.exists():
+                groups.setdefault(group, []).append(cell)
+        return groups
+
+    def train_heads(self, groups, tracker: Tracker, progress: Progress) -> None:
+        for group, cells in groups.items():
+            name, batch_size, workers, use_gpu, data_json = group
+            bb = self.loaded[name]
+            t = self.spec.train_for(cells[0].backbone, cells[0].method)
+            epochs = max(c.train_cfg.epochs for c in cells)
+            fit_name = f"heads-{name}-{stable_hash([c.checkpoint.name for c in cells], 10)}"
+            progress_file = self.cache / "ray_results" / f"{fit_name}.progress.json"
+            progress_file.parent.mkdir(parents=True, exist_ok=True)
+            task = progress.add_task(f"train heads {name} ({len(cells)})", total=epochs)
+            kwargs = dict(name=fit_name, backbone=name, weights=cells[0].backbone.weights,
+                          heads=[{"id": c.method.id, "cfg": train_config_dict(c.train_cfg)}
+                                 for c in cells],
+                          data=json.loads(data_json), epochs=epochs, batch_size=batch_size,
+                          seed=self.spec.seed, workers=workers, use_gpu=use_gpu,
+                          storage_path=self.cache / "ray_results", tracking_uri=tracker.uri,
+                          run_ids={c.method.id: c.run_id for c in cells},
+                          num_threads=max(1, int(self.spec.sharding.cpus_per_task)),
+                          progress_file=progress_file)
+            if "data" in kwargs and isinstance(kwargs["data"].get("input_size"), list):
+                kwargs["data"]["input_size"] = tuple(kwargs["data"]["input_size"])
+            with ThreadPoolExecutor(1) as pool:
+                future = pool.submit(fit_heads, **kwargs)
+                while not future.done():
+                    time.sleep(0.5)
+                    if progress_file.exists():
+                        try:
+                            done = json.loads(progress_file.read_text())["epoch"]
+                            progress.update(task, completed=done)
+                        except (ValueError, KeyError):
+                            pass
+                states = future.result()
+            progress.update(task, completed=epochs)
+            write_heads(states, bb, {c.method.id: c.train_cfg for c in cells},
+                        {c.method.id: c.checkpoint for c in cells}, {"fit": fit_name})
+
+    # -- 4: evaluation --------------------------------------------------------------------
+    def plan_shards(self) -> None:
+        s = self.spec
+        for cell in self.cells:
+            bb = self.loaded[cell.backbone.name]
+            kw, ds, lhash = self.eval_sets[cell.backbone.name]
+            m = cell.method
+            identity = {"backbone": bb.name, "weights": bb.weights_id, "method": m.name,
+                        "variant": m.variant, "params": m.params, "fractions": self.fractions,
+                        "preset": self.preset.as_dict(), "list": lhash, "seed": s.seed,
+                        "per_task": s.sharding.images_per_task, "batch": s.evaluation.batch_size,
+                        "head": file_hash(cell.checkpoint) if cell.checkpoint else None,
+                        "method_version": methods.method_class(m.name).version}
+            cell.shard_dir = self.cache / "shards" / bb.name / f"{m.id}-{stable_hash(identity)}"
+            n, per = len(ds), s.sharding.images_per_task
+            for i, start in enumerate(range(0, n, per)):
+                cell.jobs.append(ShardJob(
+                    shard=i, indices=tuple(range(start, min(start + per, n))),
+                    out_path=str(cell.shard_dir / f"shard-{i:05d}.parquet"),
+                    backbone=bb.name, weights=cell.backbone.weights, method=m.name,
+                    variant=m.variant, params=tuple(sorted((m.params or {}).items())),
+                    checkpoint=str(cell.checkpoint) if cell.checkpoint else None,
+                    data=tuple(sorted(kw.items())), fractions=self.fractions,
+                    preset=tuple(sorted(asdict(self.preset).items())),
+                    batch_size=s.evaluation.batch_size, seed=s.seed,
+                    num_threads=max(1, int(s.sharding.cpus_per_task)),
+                    use_gpu=s.sharding.gpus_per_task > 0, save_maps=s.evaluation.overlays
+                    if i == 0 else 0))
+
+    def evaluate(self, progress: Progress) -> None:
+        import ray
+        sh = self.spec.sharding
+        remote = ray.remote(evaluation.run_shard).options(
+            num_cpus=sh.cpus_per_task, num_gpus=sh.gpus_per_task, max_retries=sh.max_retries,
+            retry_exceptions=[OSError, RuntimeError])
+        pending, owner, bars = {}, {}, {}
+        for cell in self.cells:
+            todo = [j for j in cell.jobs if not Path(j.out_path).exists()]
+            bars[cell.key] = progress.add_task(f"evaluate {cell.key}", total=len(cell.jobs),
+                                               completed=len(cell.jobs) - len(todo))
+            for job in todo:
+                ref = remote.remote(job)
+                pending[ref] = cell
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                cell = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                    progress.advance(bars[cell.key])
+                except Exception as err:  # the shard failed after its retries
+                    cell.error = f"{type(err).__name__}: {str(err).splitlines()[-1][:300]}"
+
+    # -- 5: MLflow ------------------------------------------------------------------------
+    def record(self, tracker: Tracker, parent_id: str) -> None:
+        for cell in self.cells:
+            if cell.error:
+                tracker.log(cell.run_id, tags={"error": cell.error})
+                tracker.finish(cell.run_id, ok=False)
+                continue
+            paths = [Path(j.out_path) for j in cell.jobs]
+            rows = evaluation.read_rows(paths)
+            bb = self.loaded[cell.backbone.name]
+            explainer = methods.create(cell.method.name, bb, variant=cell.method.variant,
+                                       **(cell.method.params or {}),
+                                       **({"checkpoint": str(cell.checkpoint)}
+                                          if cell.checkpoint else {}))
+            cell.metrics = evaluation.aggregate(rows, self.fractions, explainer.forward_passes,
+                                                len(self.eval_sets[bb.name][1]))
+            info = explainer.describe()
+            tags = {k: v for k, v in info.items() if k == "rise_mask_hash"}
+            tracker.log(cell.run_id, metrics=cell.metrics, tags=tags,
+                        params={k: v for k, v in info.items() if k != "rise_mask_hash"})
+            art = cell.shard_dir / "artifacts"
+            art.mkdir(parents=True, exist_ok=True)
+            per_image = art / "per_image.parquet"
+            evaluation.write_table_atomic(rows, per_image)
+            tracker.artifact(cell.run_id, per_image)
+            maps = cell.shard_dir / "maps-00000.pt"
+            if maps.exists():
+                from .overlays import save_overlay_grid
+                saved = torch.load(maps, weights_only=True)
+                png = save_overlay_grid(art / "overlays.png", saved["images"], saved["maps"],
+                                        saved["ids"])
+                tracker.artifact(cell.run_id, png)
+            if cell.checkpoint and cell.checkpoint.exists():
+                tracker.artifact(cell.run_id, cell.checkpoint, "head")
+            tracker.artifact(cell.run_id, self.spec_file)
+            tracker.finish(cell.run_id)
+
+    # -- the whole run ----------------------------------------------------------------------
+    def run(self) -> dict:
+        ray_env_defaults()
+        s = self.spec
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=self.console, transient=False)
+        tracker = Tracker(s.tracking.experiment or s.name)
+        self.spec_file = self.cache / "specs" / f"{s.name}-{s.fingerprint()}.yaml"
+        self.spec_file.parent.mkdir(parents=True, exist_ok=True)
+        self.spec_file.write_text(yaml.safe_dump(s.to_dict(), sort_keys=False))
+        common = {"git_commit": git_commit(), "protocol_preset": self.preset.name,
+                  **package_versions(), **{str(k): str(v) for k, v in s.tracking.tags.items()}}
+        parent_id = tracker.parent_run(s.name, s.fingerprint(), common)
+        ok = False
+        try:
+            with progress:
+                self.prepare(progress)
+                for cell in self.cells:
+                    bb = self.loaded[cell.backbone.name]
+                    m = cell.method
+                    cell.run_id = tracker.child_run(parent_id, cell.key, f"{bb.name} {m.display_name}", {
+                        **common, "backbone": bb.name, "method": m.name, "method_id": m.id,
+                        "display_name": m.display_name, "variant": str(m.variant),
+                        "weights_id": bb.weights_id, "feature_layer": bb.feature_layer,
+                        "eval_list_hash": self.eval_sets[bb.name][2]})
+                    tracker.log(cell.run_id, params={"backbone": bb.name, "weights": bb.weights_id,
+                                                     "seed": s.seed, "fractions": list(self.fractions),
+                                                     "preset": json.dumps(self.preset.as_dict())})
+                groups = self.plan_heads()
+                if groups or any(True for c in self.cells):
+                    init_ray(s)
+                self.train_heads(groups, tracker, progress)
+                self.plan_shards()
+                self.evaluate(progress)
+            self.record(tracker, parent_id)
+            tracker.artifact(parent_id, self.spec_file)
+            ok = not any(c.error for c in self.cells)
+        finally:
+            tracker.finish(parent_id, ok=ok)
+        self.print_tables(tracker, parent_id)
+        failed = [c for c in self.cells if c.error]
+        for c in failed:
+            self.console.print(f"[red]failed[/red] {c.key}: {c.error}")
+        return {"parent_run_id": parent_id, "tracking_uri": tracker.uri,
+                "metrics": {c.key: c.metrics for c in self.cells},
+                "failed": [c.key for c in failed]}
+
+    def print_tables(self, tracker: Tracker, parent_id: str) -> None:
+        cols = table.metric_columns([fraction_key(f) for f in self.fractions])
+        md = []
+        for b in self.spec.backbones:
+            rows = [{"method": c.method.display_name, **c.metrics} for c in self.cells
+                    if c.backbone is b and c.metrics]
+            if not rows:
+                continue
+            title = f"{b.name} ({self.loaded[b.name].weights_id}), {rows[0].get('images', 0):.0f} images"
+            self.console.print(table.rich_table(title, rows, cols))
+            md.append(f"### {title}\n\n" + table.markdown_table(rows, cols))
+        if md:
+            out = self.cache / "reports" / f"{self.spec.name}-table.md"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("\n".join(md))
+            tracker.artifact(parent_id, out)
+        self.console.print(f"MLflow: {tracker.uri} (experiment "
+                           f"'{self.spec.tracking.experiment or self.spec.name}', run {parent_id})")
+
+
+def run_benchmark(spec, console: Console | None = None) -> dict:
+    """Run a validated spec; returns the parent run id, metrics per cell and failures."""
+    result = BenchmarkRun(spec, console).run()
+    if result["failed"]:
+        raise RuntimeError(f"{len(result['failed'])} method run(s) failed: "
+                           + ", ".join(result["failed"]))
+    return result
