@@ -84,8 +84,11 @@ def preset_of(spec) -> ProtocolPreset:
 
 def data_kwargs(spec, split: str, input_size, train: bool) -> dict:
     d = spec.data
+    list_file = d.list_file
+    if isinstance(list_file, str) and list_file.startswith("builtin:"):
+        list_file = "paper"          # the shipped Evaluation_2000.txt
     return {"kind": d.kind, "split": split, "input_size": tuple(input_size),
-            "root": d.root, "list_file": None if train else d.list_file,
+            "root": d.root, "list_file": None if train else list_file,
             "random_count": None if train else d.random_count,
             "limit": d.train_limit if train else d.limit, "seed": spec.seed,
             "on_bad_image": d.on_bad_image, "train": train}
@@ -116,8 +119,7 @@ class BenchmarkRun:
         self.cache = cache_dir()
         self.fractions = tuple(spec.evaluation.keep_fractions)
         self.preset = preset_of(spec)
-        self.cells = [Cell(b, m) for b in spec.backbones for m in spec.methods
-                      if not getattr(b, "methods", None) or m.id in b.methods]
+        self.cells = [Cell(b, m) for b, m in spec.pairs()]
         self.loaded: dict[str, Any] = {}
         self.eval_sets: dict[str, Any] = {}
 
@@ -135,11 +137,11 @@ class BenchmarkRun:
             task = progress.add_task(f"backbone {b.name}", total=None)
             self.loaded[b.name] = backbones.load(b.name, weights=b.weights)
             progress.update(task, completed=1, total=1)
-        from .data import build_dataset, list_hash
+        from .data import build_dataset
         for b in self.spec.backbones:
             kw = data_kwargs(self.spec, "val", self.loaded[b.name].input_size, train=False)
             ds = build_dataset(**kw)
-            self.eval_sets[b.name] = (kw, ds, list_hash(ds))
+            self.eval_sets[b.name] = (kw, ds, ds.list_hash())
 
     # -- 3: heads -------------------------------------------------------------------------
     def plan_heads(self) -> dict[tuple, list[Cell]]:

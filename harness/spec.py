@@ -39,7 +39,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -209,6 +209,7 @@ class Spec:
     tracking: TrackingSpec
     ray: RaySpec
     path: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)   # extra sections (e.g. ``sweep``)
 
     def train_for(self, backbone: BackboneSpec, method: MethodSpec) -> TrainSpec:
         """The train block for one pair: global, then backbone, then method overrides."""
@@ -229,6 +230,9 @@ class Spec:
         """The resolved spec as plain YAML-dumpable data (loads back to an equal spec)."""
         out = dataclasses.asdict(self)
         out.pop("path")
+        extras = out.pop("extras")
+        for key, value in extras.items():
+            out[key] = value.to_dict() if hasattr(value, "to_dict") else value
         return out
 
     def fingerprint(self) -> str:
@@ -288,6 +292,7 @@ METHOD_KEYS = ("name", "id", "display_name", "variant", "params", "checkpoint", 
 _ALIASES = {"metrics": "evaluation", "dataset": "data", "eval": "evaluation", "mlflow": "tracking",
             "model": "backbones", "models": "backbones", "backbone": "backbones",
             "method": "methods", "version": "schema", "shards": "sharding", "training": "train"}
+_SECTION_HINTS = {"sweep": "a sweep spec: run it with 'python -m harness tune SPEC'"}
 
 
 def describe(value: Any) -> str:
@@ -401,6 +406,9 @@ class _Checker:
             if not isinstance(key, str):
                 self.add(_join(where, str(key)), f"keys must be strings, got {describe(key)}")
             elif key not in accepted:
+                if where == "" and key in _SECTION_HINTS:
+                    self.add(key, f"'{key}' belongs in {_SECTION_HINTS[key]}")
+                    continue
                 hint = (f" Did you mean '{hints[key]}'?" if hints and key in hints
                         else did_you_mean(key, accepted))
                 self.add(_join(where, key), f"unknown key '{key}'.{hint} "
@@ -533,8 +541,14 @@ def _join_all(steps: list[str | int]) -> str:
 
 
 # -- the spec sections -----------------------------------------------------------------------
-def load_spec(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Spec:
-    """Read, override, validate and resolve a spec file; raises ``SpecError``."""
+def load_spec(path: str | os.PathLike, overrides: Iterable[str] = (),
+              sections: dict[str, Callable] | None = None) -> Spec:
+    """Read, override, validate and resolve a spec file; raises ``SpecError``.
+
+    ``sections`` admits extra top-level keys (e.g. ``sweep`` for ``harness tune``): each maps
+    to ``check(where, raw_value, checker, spec) -> object`` whose result is stored in
+    ``spec.extras[key]``; the checker's ``add(field_path, message)`` reports problems.
+    """
     shown = str(path)
     p = Path(path)
     if not p.is_file():
@@ -555,7 +569,12 @@ def load_spec(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Spec:
     ck = _Checker(p.resolve().parent, {})
     ck.problems += problems
     _apply_overrides(raw, overrides, ck)
+    sections = sections or {}
+    extra_raw = {k: raw.pop(k) for k in list(raw) if k in sections}
     spec = _build(raw, ck, p)
+    for key, check in sections.items():
+        spec.extras[key] = check(key, extra_raw.get(key), ck, spec)
+        raw[key] = extra_raw.get(key)
     if ck.problems:
         raise SpecError(shown, _in_file_order(ck.problems, raw))
     spec.path = shown
