@@ -6,7 +6,8 @@ one row per image atomically (temp name starting with '.', then ``os.replace``),
 finished shard is never rewritten and a rerun skips it. Rows:
 
     image_id, class_explained, ground_truth, Y, O_<k> for every kept fraction,
-    degenerate, forward_passes (measured), seconds (explanation wall time per image), shard
+    degenerate, forward_passes (measured), seconds (explanation wall time per image), shard,
+    and the localisation energy shares (``localisation.COLUMNS``, NaN without annotations)
 
 ``aggregate`` reads the shards back and computes AD, IC (protocol.py), #FW and timing.
 """
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from . import localisation
 from .protocol import Evaluator, ProtocolPreset, average_drop, fraction_key, increase_in_confidence
 
 
@@ -89,7 +91,8 @@ def run_shard(job: ShardJob) -> dict:
     dataset = _load_dataset(job.data)
     rows: dict[str, list] = {k: [] for k in ("image_id", "class_explained", "ground_truth", "Y",
                                              *columns(job.fractions), "degenerate",
-                                             "forward_passes", "seconds", "shard")}
+                                             "forward_passes", "seconds", "shard",
+                                             *localisation.COLUMNS)}
     kept: dict[str, list] = {"images": [], "maps": [], "ids": []}
     for start in range(0, len(job.indices), job.batch_size):
         items = [dataset[i] for i in job.indices[start:start + job.batch_size]]
@@ -100,6 +103,10 @@ def run_shard(job: ShardJob) -> dict:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / len(items)
         scores = evaluator.evaluate(images, saliency)
+        energy = localisation.energy_columns(dataset, job.indices[start:start + job.batch_size],
+                                             saliency)
+        for col in localisation.COLUMNS:
+            rows[col] += energy[col]
         degenerate = scores.degenerate | explainer.last_degenerate
         room = job.save_maps - len(kept["ids"])
         if room > 0:

@@ -32,7 +32,7 @@ import backbones
 import methods
 from methods.lcam_train import TrainConfig
 
-from . import evaluation, table
+from . import analysis, evaluation, localisation, table
 from .evaluation import ShardJob
 from .paths import cache_dir
 from .protocol import PAPER, ProtocolPreset, fraction_key
@@ -67,6 +67,7 @@ class Cell:
     jobs: list[ShardJob] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     error: str | None = None
+    analysis_paths: list = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -273,6 +274,15 @@ class BenchmarkRun:
                                           if cell.checkpoint else {}))
             cell.metrics = evaluation.aggregate(rows, self.fractions, explainer.forward_passes,
                                                 len(self.eval_sets[bb.name][1]))
+            cell.metrics.update(localisation.energy_metrics(rows))
+            if self.spec.evaluation.overlays:
+                found = analysis.analyse(bb, explainer, self.eval_sets[bb.name][1],
+                                         cell.shard_dir / "artifacts" / "analysis",
+                                         per_image=rows, seed=self.spec.seed,
+                                         sanity_images=1 if explainer.family == "perturbation"
+                                         else None)
+                cell.metrics.update(found["metrics"])
+                cell.analysis_paths = list(found["paths"])
             info = explainer.describe()
             tags = {k: v for k, v in info.items() if k == "rise_mask_hash"}
             tracker.log(cell.run_id, metrics=cell.metrics, tags=tags,
@@ -291,6 +301,8 @@ class BenchmarkRun:
                 tracker.artifact(cell.run_id, png)
             if cell.checkpoint and cell.checkpoint.exists():
                 tracker.artifact(cell.run_id, cell.checkpoint, "head")
+            for path in cell.analysis_paths:
+                tracker.artifact(cell.run_id, path, "analysis")
             tracker.artifact(cell.run_id, self.spec_file)
             tracker.finish(cell.run_id)
 
