@@ -47,10 +47,15 @@ def select_maps(cams: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def area_loss(s: torch.Tensor, power: float, variant: str = "paper") -> torch.Tensor:
-    """AV(S) (Eq. 7) averaged over the batch; ``reference`` adds 0.0005 before the power."""
+    """AV(S) (Eq. 7) averaged over the batch; ``reference`` adds 0.0005 before the power.
+
+    ``paper``: S is clamped at the smallest normal float first (a change below 1e-11 in
+    S^0.3): d(S^l4)/dS is infinite at S = 0 (a sigmoid that underflowed), and inf * 0
+    would make every gradient of the head NaN.
+    """
     if variant == "reference":
         return ((s + 0.0005) ** power).mean()
-    return (s ** power).mean()
+    return (s.clamp_min(torch.finfo(s.dtype).tiny) ** power).mean()
 
 
 def tv_loss(s: torch.Tensor, variant: str = "paper") -> torch.Tensor:
@@ -116,6 +121,12 @@ def load_head(path: str | Path, backbone, expect_mode: str | None = None) -> tup
             f"checkpoint: {path.name} is a head for K={meta.get('in_channels')}, "
             f"R={meta.get('num_classes')} ({meta.get('backbone')}), but backbone "
             f"{backbone.name} has K={k}, R={r}")
+    trained_on, name = meta.get("backbone"), getattr(backbone, "name", None)
+    if trained_on is not None and name is not None and trained_on != name:
+        # Same K and R is not enough: vgg16 and vgg16_7x7 share them, their A do not match.
+        raise ExplainerInputError(
+            f"checkpoint: {path.name} is a head trained on backbone {trained_on!r}, "
+            f"not {name!r}")
     if expect_mode and meta.get("mode") not in (None, expect_mode):
         raise ExplainerInputError(f"checkpoint: {path.name} was trained as L-CAM-"
                                   f"{meta['mode'].capitalize()}, not {expect_mode}")
