@@ -112,10 +112,12 @@ class Explainer:
         self.config: dict[str, Any] = {}
         for key, spec in self.params.items():
             value = params.get(key, spec.default)
-            if not _type_ok(value, spec.type):
+            # None is accepted only where it is the default (= backbone-dependent / unset).
+            if not _type_ok(value, spec.type) or (value is None and spec.default is not None):
+                types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
                 raise ExplainerInputError(
                     f"{self.name}: parameter {key}={value!r} must be of type "
-                    f"{getattr(spec.type, '__name__', spec.type)}")
+                    f"{' or '.join(getattr(t, '__name__', str(t)) for t in types)}")
             self.config[key] = value
         self.last_degenerate = torch.zeros(0, dtype=torch.bool)
         self.last_forward_passes: float | None = None
