@@ -126,6 +126,7 @@ def run_shard(job: ShardJob) -> dict:
             rows["shard"].append(job.shard)
     if kept["ids"]:
         maps = out.with_name(f"maps-{job.shard:05d}.pt")
+        maps.parent.mkdir(parents=True, exist_ok=True)
         tmp = maps.with_name(f".{maps.name}.{os.getpid()}.tmp")
         torch.save({"images": torch.stack(kept["images"]), "maps": torch.stack(kept["maps"]),
                     "ids": kept["ids"]}, tmp)

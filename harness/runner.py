@@ -142,7 +142,7 @@ class BenchmarkRun:
         for b in self.spec.backbones:
             kw = data_kwargs(self.spec, "val", self.loaded[b.name].input_size, train=False)
             ds = build_dataset(**kw)
-            self.eval_sets[b.name] = (kw, ds, ds.list_hash())
+            self.eval_sets[b.name] = (kw, ds, ds.list_hash)
 
     # -- 3: heads -------------------------------------------------------------------------
     def plan_heads(self) -> dict[tuple, list[Cell]]:

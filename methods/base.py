@@ -120,6 +120,7 @@ class Explainer:
                     f"{' or '.join(getattr(t, '__name__', str(t)) for t in types)}")
             self.config[key] = value
         self.last_degenerate = torch.zeros(0, dtype=torch.bool)
+        self._graph = None             # (A leaf, logits with graph) during a gradient explain
         self.last_forward_passes: float | None = None
         self.setup()
 
@@ -183,10 +184,21 @@ class Explainer:
         size = tuple(images.shape[-2:])
         with torch.no_grad():
             feats = self.backbone.features(images)
-            logits = self.backbone.head(feats)
+        if self.family == "gradient":
+            # Keep the head's graph: the gradient step reuses this pass instead of a second one.
+            with torch.enable_grad():
+                leaf = feats.detach().requires_grad_(True)
+                self._graph = (leaf, self.backbone.head(leaf))
+            logits = self._graph[1].detach()
+        else:
+            with torch.no_grad():
+                logits = self.backbone.head(feats)
         targets = logits.argmax(1) if targets is None else targets.to(images.device)
         self.last_forward_passes = None
-        raw = self._saliency(images, feats, logits, targets)
+        try:
+            raw = self._saliency(images, feats, logits, targets)
+        finally:
+            self._graph = None
         if self.normalise_at == "feature" and tuple(raw.shape[-2:]) != size:
             normed, degenerate = minmax(raw)
             out = upsample(normed, size).clamp_(0, 1)

@@ -17,15 +17,20 @@ from .registry import REGISTRY
 
 
 def head_gradients(backbone, feats: torch.Tensor, targets: torch.Tensor,
-                   score: str = "logit") -> torch.Tensor:
+                   score: str = "logit", graph=None) -> torch.Tensor:
     """d score_c / dA for each sample's own class c, through the head only.
 
     ``score``: 'logit' (the class logit) or 'prob' (its softmax probability). Samples are
     independent in the head (eval mode), so summing over the batch gives per-sample grads.
+    ``graph``: (A leaf, logits) of a head pass already run with autograd (the explainer's
+    clean pass), reused instead of running the head again.
     """
     with torch.enable_grad():
-        a = feats.detach().requires_grad_(True)
-        logits = backbone.head(a)
+        if graph is not None:
+            a, logits = graph
+        else:
+            a = feats.detach().requires_grad_(True)
+            logits = backbone.head(a)
         if score == "prob":
             logits = logits.softmax(dim=1)
         picked = logits.gather(1, targets[:, None]).sum()
@@ -49,6 +54,6 @@ class GradCAM(Explainer):
     variants = ("paper", "reference")
 
     def _saliency(self, images, feats, logits, targets):
-        grad = head_gradients(self.backbone, feats, targets, "logit")
+        grad = head_gradients(self.backbone, feats, targets, "logit", self._graph)
         weights = grad.mean(dim=(2, 3), keepdim=True)
         return torch.relu((weights * feats).sum(dim=1))

@@ -31,7 +31,8 @@ class GradCAMPlusPlus(Explainer):
 
     def _saliency(self, images, feats, logits, targets):
         reference = self.variant == "reference"
-        g = head_gradients(self.backbone, feats, targets, "prob" if reference else "logit")
+        g = head_gradients(self.backbone, feats, targets, "prob" if reference else "logit",
+                           self._graph)
         g2, g3 = g * g, g * g * g
         if reference:
             denom = 2 * g2 + (feats * g3).sum(dim=(2, 3), keepdim=True)
