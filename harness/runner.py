@@ -344,6 +344,10 @@ class BenchmarkRun:
             tracker.artifact(parent_id, self.spec_file)
             ok = not any(c.error for c in self.cells)
         finally:
+            if not ok:   # never leave a run RUNNING; a rerun resumes these runs
+                for cell in self.cells:
+                    if cell.run_id and tracker.client.get_run(cell.run_id).info.status == "RUNNING":
+                        tracker.finish(cell.run_id, ok=False)
             tracker.finish(parent_id, ok=ok)
         self.print_tables(tracker, parent_id)
         failed = [c for c in self.cells if c.error]
