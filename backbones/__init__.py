@@ -12,6 +12,7 @@ from __future__ import annotations
 from .base import SplitBackbone
 from .registry import REGISTRY, WeightsError, describe_weights
 from . import torchvision_models  # noqa: F401  (registers the torchvision entries)
+from . import embedded  # noqa: F401  (registers tiny_vgg and tiny_resnet)
 
 _DEFAULT = object()
 
