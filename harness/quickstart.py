@@ -19,7 +19,8 @@ out from the ground under it (in RGB distance and brightness), a random size (ra
 ``RADIUS``), position and rotation (within +-``ROTATION_DEG``), and a gentle shading gradient;
 the background is a smooth random colour field, a sinusoidal texture, distractor blobs, thin
 lines and pixel noise. Boxes are ``[x0, y0, x1, y1]`` in pixels, ``x1``/``y1`` exclusive.
-Generating the whole set takes about 10 s on one CPU core (4,500 images, ~30 MB).
+Generating the whole set takes about 10 s on one CPU core (4,500 images and their masks;
+about 70 MB on disk).
 
 **Planted shortcut** (the paper's sec. 4.4 "class bias" analysis, in miniature): the class
 ``SHORTCUT_CLASS`` carries a bright yellow square (``CUE_BOX``, top-left corner, colour
