@@ -116,7 +116,7 @@ class BenchmarkRun:
 
     def __init__(self, spec, console: Console | None = None):
         self.spec = spec
-        self.console = console or Console()
+        self.console = console or Console(width=None if sys.stdout.isatty() else 120)
         self.cache = cache_dir()
         self.fractions = tuple(spec.evaluation.keep_fractions)
         self.preset = preset_of(spec)
