@@ -29,6 +29,9 @@ from . import localisation
 from .protocol import Evaluator, ProtocolPreset, average_drop, fraction_key, increase_in_confidence
 
 
+ROWS_VERSION = 2   # bumped whenever the rows a shard writes change (then shards are redone)
+
+
 @dataclass(frozen=True)
 class ShardJob:
     """Everything a shard task needs, as plain data (no models captured in closures)."""

@@ -248,12 +248,13 @@ def regions_for(image_path: str | Path, input_size, kind: str,
                 voc_dir: str | Path | None = None) -> Regions | None:
     """The regions of one data-set image, or None when it has no annotation.
 
-    Quickstart images: their sidecar files. Otherwise ``voc_dir/<stem>.xml`` when given (the
+    Quickstart images: the mask beside them and their split's ``annotations.json``. Otherwise ``voc_dir/<stem>.xml`` when given (the
     boxes named after the image's class folder, e.g. its wnid, if there are such).
     """
     path = Path(image_path)
     stem = path.name[: -len(path.suffix)] if path.suffix else path.name
-    if path.with_name(stem + ".json").is_file() and path.with_name(stem + ".mask.png").is_file():
+    from .quickstart import ANNOTATIONS
+    if (path.parent.parent / ANNOTATIONS).is_file() and path.with_name(stem + ".mask.png").is_file():
         try:
             return quickstart_regions(path, input_size, kind)
         except (ValueError, KeyError, OSError):   # not a quickstart sidecar after all

@@ -217,7 +217,8 @@ class BenchmarkRun:
                         "preset": self.preset.as_dict(), "list": lhash, "seed": s.seed,
                         "per_task": s.sharding.images_per_task, "batch": s.evaluation.batch_size,
                         "head": file_hash(cell.checkpoint) if cell.checkpoint else None,
-                        "method_version": methods.method_class(m.name).version}
+                        "method_version": methods.method_class(m.name).version,
+                        "rows_version": evaluation.ROWS_VERSION}
             cell.shard_dir = self.cache / "shards" / bb.name / f"{m.id}-{stable_hash(identity)}"
             n, per = len(ds), s.sharding.images_per_task
             for i, start in enumerate(range(0, n, per)):
