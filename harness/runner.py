@@ -340,6 +340,8 @@ class BenchmarkRun:
                     init_ray(s)
                 self.train_heads(groups, tracker, progress)
                 self.plan_shards()
+                for cell in self.cells:     # where the per-image rows of this run live
+                    tracker.log(cell.run_id, tags={"shard_dir": str(cell.shard_dir)})
                 self.evaluate(progress)
             self.record(tracker, parent_id)
             tracker.artifact(parent_id, self.spec_file)

@@ -36,7 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep of the same spec")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def search_space(sweep) -> dict:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def ray_head(env: dict[str, str], num_cpus: int = 2):
                 with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
                     if r.status == 200:
                         break
+            except urllib.error.HTTPError:
+                break                      # it answers (token auth refuses anonymous calls)
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > deadline:

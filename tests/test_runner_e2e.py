@@ -90,9 +90,9 @@ def test_shard_reuse_and_determinism_after_deleted_shard(server):
     client = MlflowClient(server)
     _, first = child_runs(client, "e2e-reuse")
     before = {r.data.tags["run_key"]: r.data.metrics for r in first}
-    shards = sorted((TEST_CACHE / "shards").rglob("shard-*.parquet"))
-    assert shards
-    victim = next(s for s in shards if "gradcampp" in str(s))
+    shards = sorted(p for r in first for p in Path(r.data.tags["shard_dir"]).glob("shard-*.parquet"))
+    assert len(shards) == sum(2 for _ in first)          # 12 images, 6 per task
+    victim = next(s for s in shards if "/gradcampp-" in str(s))
     others = {s: s.stat().st_mtime_ns for s in shards if s != victim}
     victim.unlink()
     run_harness(["run", str(SMOKE), "tracking.experiment=e2e-reuse"], env)
