@@ -188,8 +188,7 @@ class BenchmarkRun:
                           run_ids={c.method.id: c.run_id for c in cells},
                           num_threads=max(1, int(self.spec.sharding.cpus_per_task)),
                           progress_file=progress_file)
-            if "data" in kwargs and isinstance(kwargs["data"].get("input_size"), list):
-                kwargs["data"]["input_size"] = tuple(kwargs["data"]["input_size"])
+            kwargs["data"]["input_size"] = tuple(kwargs["data"]["input_size"])
             with ThreadPoolExecutor(1) as pool:
                 future = pool.submit(fit_heads, **kwargs)
                 while not future.done():
@@ -336,8 +335,7 @@ class BenchmarkRun:
                                                      "seed": s.seed, "fractions": list(self.fractions),
                                                      "preset": json.dumps(self.preset.as_dict())})
                 groups = self.plan_heads()
-                if groups or any(True for c in self.cells):
-                    init_ray(s)
+                init_ray(s)
                 self.train_heads(groups, tracker, progress)
                 self.plan_shards()
                 for cell in self.cells:     # where the per-image rows of this run live
