@@ -57,6 +57,23 @@ def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
         proc.wait(10)
 
 
+def wait_until_answering(url: str, proc: subprocess.Popen, log: Path, what: str,
+                         timeout: float) -> None:
+    """Poll ``url`` until any HTTP answer (an auth refusal counts), or fail with the log."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return                         # it answers (token auth refuses anonymous calls)
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"{what} did not start:\n" + log.read_text()[-3000:])
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def mlflow_server(workdir: Path):
     """Yield the URI of an MLflow server on 127.0.0.1 with a sqlite store in ``workdir``."""
@@ -70,18 +87,8 @@ def mlflow_server(workdir: Path):
         stdout=log, stderr=subprocess.STDOUT, env=base_env(), start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("MLflow server did not start:\n"
-                                   + (workdir / "mlflow-server.log").read_text()[-2000:])
-            time.sleep(0.5)
+        wait_until_answering(f"{uri}/health", proc, workdir / "mlflow-server.log",
+                             "MLflow server", 60)
         yield uri
     finally:
         _stop(proc)
@@ -101,19 +108,8 @@ def ray_head(env: dict[str, str], num_cpus: int = 2):
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except urllib.error.HTTPError:
-                break                      # it answers (token auth refuses anonymous calls)
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("Ray head did not start:\n" + (Path(tmp) / "head.log").read_text()[-3000:])
-            time.sleep(0.5)
+        wait_until_answering(f"{address}/api/version", proc, Path(tmp) / "head.log",
+                             "Ray head", 90)
         yield address
     finally:
         _stop(proc, timeout=30)
