@@ -53,12 +53,27 @@ class ShardJob:
     num_threads: int = 1
     use_gpu: bool = False
     save_maps: int = 0                # keep the first N images' maps (for the overlay grid)
+    autocast: bool = False            # explain under autocast (the metric stays in float32)
+    channels_last: bool = False
 
 
 @lru_cache(maxsize=4)
-def _load_backbone(name: str, weights: Any, device: str):
+def _load_backbone(name: str, weights: Any, device: str, channels_last: bool = False):
     import backbones
-    return backbones.load(name, weights=weights).to(device)
+    bb = backbones.load(name, weights=weights).to(device)
+    return bb.to(memory_format=torch.channels_last) if channels_last else bb
+
+
+def explain_batch(explainer, images: torch.Tensor, autocast: bool) -> torch.Tensor:
+    """The explainer's maps as float32; under autocast (bf16 on CPU, fp16 on CUDA) if asked.
+
+    Only the explanation runs in reduced precision: AD/IC are always scored in float32.
+    """
+    if not autocast:
+        return explainer.explain(images)
+    dtype = torch.float16 if images.device.type == "cuda" else torch.bfloat16
+    with torch.autocast(device_type=images.device.type, dtype=dtype):
+        return explainer.explain(images).float()
 
 
 @lru_cache(maxsize=4)
@@ -88,7 +103,7 @@ def run_shard(job: ShardJob) -> dict:
     torch.set_num_threads(max(1, job.num_threads))
     torch.manual_seed(job.seed + job.shard)
     device = "cuda" if job.use_gpu and torch.cuda.is_available() else "cpu"
-    backbone = _load_backbone(job.backbone, job.weights, device)
+    backbone = _load_backbone(job.backbone, job.weights, device, job.channels_last)
     explainer = _explainer(job, backbone)
     evaluator = Evaluator(backbone, job.fractions, ProtocolPreset(**dict(job.preset)))
     dataset = _load_dataset(job.data)
@@ -99,9 +114,11 @@ def run_shard(job: ShardJob) -> dict:
     kept: dict[str, list] = {"images": [], "maps": [], "ids": []}
     for start in range(0, len(job.indices), job.batch_size):
         items = [dataset[i] for i in job.indices[start:start + job.batch_size]]
-        images = torch.stack([it[0] for it in items]).to(device)
+        images = torch.stack([it[0] for it in items]).to(device, non_blocking=True)
+        if job.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         t0 = time.perf_counter()
-        saliency = explainer.explain(images)
+        saliency = explain_batch(explainer, images, job.autocast)
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / len(items)

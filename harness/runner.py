@@ -217,7 +217,9 @@ class BenchmarkRun:
                         "per_task": s.sharding.images_per_task, "batch": s.evaluation.batch_size,
                         "head": file_hash(cell.checkpoint) if cell.checkpoint else None,
                         "method_version": methods.method_class(m.name).version,
-                        "rows_version": evaluation.ROWS_VERSION}
+                        "rows_version": evaluation.ROWS_VERSION,
+                        "autocast": s.evaluation.autocast,
+                        "channels_last": s.evaluation.channels_last}
             cell.shard_dir = self.cache / "shards" / bb.name / f"{m.id}-{stable_hash(identity)}"
             n, per = len(ds), s.sharding.images_per_task
             for i, start in enumerate(range(0, n, per)):
@@ -232,7 +234,8 @@ class BenchmarkRun:
                     batch_size=s.evaluation.batch_size, seed=s.seed,
                     num_threads=max(1, int(s.sharding.cpus_per_task)),
                     use_gpu=s.sharding.gpus_per_task > 0, save_maps=s.evaluation.overlays
-                    if i == 0 else 0))
+                    if i == 0 else 0, autocast=s.evaluation.autocast,
+                    channels_last=s.evaluation.channels_last))
 
     def evaluate(self, progress: Progress) -> None:
         import ray

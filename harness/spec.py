@@ -161,6 +161,8 @@ class EvalSpec:
     batch_size: int = 16
     preset: str | dict = "paper"
     overlays: int = 8
+    autocast: bool = False         # explanations under autocast (bf16 on CPU, fp16 on GPU)
+    channels_last: bool = False    # backbone and images in channels_last memory format
 
     def protocol_preset(self):
         from harness.protocol import PAPER, ProtocolPreset
@@ -276,7 +278,8 @@ DATA_FIELDS = {
     "on_bad_image": _F("choice", "stop", choices=("stop", "skip")),
 }
 EVAL_FIELDS = {"keep_fractions": None, "batch_size": _F("int", 16, lo=1), "preset": None,
-               "overlays": _F("int", 8, lo=0)}
+               "overlays": _F("int", 8, lo=0), "autocast": _F("bool", False),
+               "channels_last": _F("bool", False)}
 PRESET_FIELDS = {"soft": _F("bool", True), "fill": _F("choice", "black", choices=("black", "mean")),
                  "score": _F("choice", "prob", choices=("prob", "logit"))}
 SHARD_FIELDS = {"images_per_task": _F("int", 50, lo=1),
@@ -854,7 +857,8 @@ def _evaluation(raw: Any, ck: _Checker) -> EvalSpec:
     elif preset_raw != "paper":
         ck.add("evaluation.preset", f"expected 'paper' or a mapping {{soft: true|false, fill: "
                f"black|mean, score: prob|logit}}, got {describe(preset_raw)}")
-    return EvalSpec(good or [1.0, 0.5, 0.15], out["batch_size"], preset, out["overlays"])
+    return EvalSpec(good or [1.0, 0.5, 0.15], out["batch_size"], preset, out["overlays"],
+                    out["autocast"], out["channels_last"])
 
 
 def _tracking(raw: Any, ck: _Checker) -> TrackingSpec:
