@@ -201,7 +201,7 @@ def resolve_list(list_path: Path, split_root: Path, on_bad_image: str = "stop",
             if on_bad_image == "stop":
                 raise DataError(f"{list_path}:{line}: {name!r} not found under {split_root} "
                                 "(flat or in a class folder)")
-            missing.append((split_root / name, f"{list_path}:{line}: file not found"))
+            missing.append((split_root / name, f"{list_path}:{line}: {name!r} not found"))
             continue
         items.append((path, label, name))
     return items, classes, missing

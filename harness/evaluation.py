@@ -94,12 +94,32 @@ def columns(fractions) -> list[str]:
     return [f"O_{fraction_key(f)}" for f in fractions]
 
 
+def _test_fault(out: Path, shard: int) -> None:
+    """Test-only fault injection (tests/test_reliability.py), inert unless the variable is set.
+
+    ``HARNESS_TEST_KILL_SHARD=<method_id>:<shard>`` SIGKILLs the worker process running that
+    shard, once: the marker ``.killed-<shard file>`` beside the shard (atomic create) makes
+    the retry, and any later run on the same cache, compute it normally.
+    """
+    target = os.environ.get("HARNESS_TEST_KILL_SHARD")
+    if not target or target != f"{out.parent.name.rsplit('-', 1)[0]}:{shard}":
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(out.with_name(f".killed-{out.name}"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run_shard(job: ShardJob) -> dict:
     """Evaluate one shard and write its Parquet file; returns a small summary."""
     out = Path(job.out_path)
     if out.exists():
         return {"shard": job.shard, "path": str(out), "rows": pq.read_metadata(out).num_rows,
                 "reused": True}
+    _test_fault(out, job.shard)
     torch.set_num_threads(max(1, job.num_threads))
     torch.manual_seed(job.seed + job.shard)
     device = "cuda" if job.use_gpu and torch.cuda.is_available() else "cpu"
@@ -175,6 +195,8 @@ def read_rows(paths: list[Path]) -> pa.Table:
 def aggregate(table: pa.Table, fractions, nominal_fw: int, expected_rows: int) -> dict[str, float]:
     """AD/IC at each fraction, FW (nominal), FW_measured, seconds_per_image, counts."""
     n = table.num_rows
+    if n == 0:
+        raise RuntimeError("no evaluation rows: nothing to report (were all images skipped?)")
     if n != expected_rows:
         raise RuntimeError(f"evaluation has {n} rows, expected {expected_rows}: refusing to "
                            "report numbers from partial or doubled data")

@@ -37,7 +37,7 @@ from .evaluation import ShardJob
 from .paths import cache_dir
 from .protocol import PAPER, ProtocolPreset, fraction_key
 from .tracking import Tracker, git_commit, package_versions, tracking_uri
-from .training import fit_heads, ray_env_defaults, train_config_dict, write_heads
+from .training import TRAIN_VERSION, fit_heads, ray_env_defaults, train_config_dict, write_heads
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,6 +142,11 @@ class BenchmarkRun:
         for b in self.spec.backbones:
             kw = data_kwargs(self.spec, "val", self.loaded[b.name].input_size, train=False)
             ds = build_dataset(**kw)
+            if not len(ds):
+                from .data import DataError
+                raise DataError(f"no images left to evaluate for {b.name}: all {ds.skipped} "
+                                f"selected were skipped (first: {ds.bad[0][1]})" if ds.bad
+                                else f"no images to evaluate for {b.name}")
             self.eval_sets[b.name] = (kw, ds, ds.list_hash)
 
     # -- 3: heads -------------------------------------------------------------------------
@@ -163,7 +168,7 @@ class BenchmarkRun:
             group = (cell.backbone.name, t.batch_size, t.workers, bool(t.use_gpu),
                      json.dumps(data, sort_keys=True, default=str))
             identity = {"backbone": bb.name, "weights": bb.weights_id, "group": group,
-                        "cfg": train_config_dict(cell.train_cfg)}
+                        "cfg": train_config_dict(cell.train_cfg), "train_version": TRAIN_VERSION}
             cell.checkpoint = self.cache / "heads" / bb.name / f"{mode}-{stable_hash(identity)}.pt"
             if not cell.checkpoint.exists():
                 groups.setdefault(group, []).append(cell)
@@ -259,7 +264,8 @@ class BenchmarkRun:
                     ray.get(ref)
                     progress.advance(bars[cell.key])
                 except Exception as err:  # the shard failed after its retries
-                    cell.error = f"{type(err).__name__}: {str(err).splitlines()[-1][:300]}"
+                    err = getattr(err, "cause", None) or err      # unwrap RayTaskError
+                    cell.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
 
     # -- 5: MLflow ------------------------------------------------------------------------
     def record(self, tracker: Tracker, parent_id: str) -> None:
@@ -278,6 +284,7 @@ class BenchmarkRun:
             cell.metrics = evaluation.aggregate(rows, self.fractions, explainer.forward_passes,
                                                 len(self.eval_sets[bb.name][1]))
             cell.metrics.update(localisation.energy_metrics(rows))
+            cell.metrics["skipped_images"] = float(self.eval_sets[bb.name][1].skipped)
             if self.spec.evaluation.overlays:
                 found = analysis.analyse(bb, explainer, self.eval_sets[bb.name][1],
                                          cell.shard_dir / "artifacts" / "analysis",
@@ -372,6 +379,13 @@ class BenchmarkRun:
             title = f"{b.name} ({self.loaded[b.name].weights_id}), {rows[0].get('images', 0):.0f} images"
             self.console.print(table.rich_table(title, rows, cols))
             md.append(f"### {title}\n\n" + table.markdown_table(rows, cols))
+            bad = self.eval_sets[b.name][1].bad
+            if bad:    # data.on_bad_image: skip
+                note = (f"{len(bad)} image{'s' if len(bad) > 1 else ''} skipped "
+                        "(data.on_bad_image: skip): " + "; ".join(r for _, r in bad[:5])
+                        + ("; ..." if len(bad) > 5 else ""))
+                self.console.print(note, markup=False, highlight=False, soft_wrap=True)
+                md.append(note + "\n")
         if md:
             out = self.cache / "reports" / f"{self.spec.name}-table.md"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -383,8 +397,10 @@ class BenchmarkRun:
 
 def run_benchmark(spec, console: Console | None = None) -> dict:
     """Run a validated spec; returns the parent run id, metrics per cell and failures."""
-    result = BenchmarkRun(spec, console).run()
+    run = BenchmarkRun(spec, console)
+    result = run.run()
     if result["failed"]:
+        first = next(c for c in run.cells if c.error)
         raise RuntimeError(f"{len(result['failed'])} method run(s) failed: "
-                           + ", ".join(result["failed"]))
+                           + ", ".join(result["failed"]) + f" (first, {first.key}: {first.error})")
     return result

@@ -24,6 +24,8 @@ import torch
 from methods.lcam import AttentionHead
 from methods.lcam_train import TrainConfig, head_meta, make_optimizer, save_head, train_step
 
+TRAIN_VERSION = 2   # bumped whenever the same config trains different heads (cached heads redone)
+
 
 def _log_curves(config: dict, epoch: int, per_head: dict[str, dict]) -> None:
     uri, run_ids = config.get("tracking_uri"), config.get("run_ids") or {}
@@ -83,6 +85,9 @@ def train_loop_per_worker(config: dict) -> None:
                         pin_memory=device.type == "cuda")
     for epoch in range(start, config["epochs"]):
         sampler.set_epoch(epoch)
+        # The augmentation (random flips/crops) draws from torch's global RNG: seed it per
+        # epoch, so a fit resumed from a checkpoint trains on what an unbroken fit would have.
+        torch.manual_seed(config["seed"] * 1_000_003 + epoch + 1)
         sums = {hid: {} for hid in heads}
         for batch in loader:
             images, gt = batch[0].to(device, non_blocking=True), batch[1].to(device)
