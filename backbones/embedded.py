@@ -351,6 +351,8 @@ def ensure_embedded_weights(name: str, progress=None, isolated: bool = True) -> 
     from harness.quickstart import file_lock
     with file_lock(path.with_suffix(".lock")):
         if not (path.is_file() and side.is_file()):
+            for stale in path.parent.glob(f".{path.stem}.*"):   # a killed trainer's (lock held)
+                stale.unlink(missing_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt",
                                             dir=path.parent)
             os.close(fd)

@@ -630,11 +630,11 @@ def render(results: dict, console) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 when it ran (targets missed are reported, not failed), 2 on usage."""
-    from rich.console import Console
+    from .terminal import make_console
     import backbones
     import methods
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    err = Console(stderr=True)
+    console = make_console()
+    err = make_console(stderr=True)
     unknown = [m for m in args.methods if m not in OURS + LIBRARY]
     if unknown:
         print(f"error: unknown method(s) {', '.join(unknown)}; choose from "

@@ -90,12 +90,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from .terminal import make_console
     from rich.table import Table
     import backbones
     import methods
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = make_console()
     t = Table(title="methods", title_justify="left")
     for col in ("name", "display", "family", "variants", "params", "paper"):
         t.add_column(col, overflow="fold", no_wrap=col == "name")

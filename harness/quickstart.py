@@ -291,6 +291,8 @@ def ensure_quickstart(progress: Callable[[int, int], None] | None = None, *,
             return root
         if root.exists():                   # an incomplete or outdated folder: start afresh
             shutil.rmtree(root)
+        for stale in cache.glob(f".{name}.tmp-*"):   # left by a killed generator (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache))
         try:
             generate(tmp, n_train, n_val, SEED, progress)

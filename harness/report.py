@@ -278,8 +278,8 @@ def write_report(data: dict, out: Path) -> list[Path]:
 def report(experiment: str | None = None, run_id: str | None = None, out: str | Path | None = None,
            log: bool = True, uri: str | None = None, console=None) -> dict:
     """Build the report (the command's body, callable from Python); returns paths and ids."""
-    from rich.console import Console
-    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    from .terminal import make_console
+    console = console or make_console()
     client = _client(uri)
     parent = find_parent(client, experiment, run_id)
     data = collect(client, parent)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -35,8 +34,9 @@ from methods.lcam_train import TrainConfig
 from . import analysis, evaluation, localisation, table
 from .evaluation import ShardJob
 from .paths import cache_dir
+from .terminal import make_console
 from .protocol import PAPER, ProtocolPreset, fraction_key
-from .tracking import Tracker, git_commit, package_versions, tracking_uri
+from .tracking import Tracker, git_commit, package_versions
 from .training import TRAIN_VERSION, fit_heads, ray_env_defaults, train_config_dict, write_heads
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +116,7 @@ class BenchmarkRun:
 
     def __init__(self, spec, console: Console | None = None):
         self.spec = spec
-        self.console = console or Console(width=None if sys.stdout.isatty() else 120)
+        self.console = console or make_console()
         self.cache = cache_dir()
         self.fractions = tuple(spec.evaluation.keep_fractions)
         self.preset = preset_of(spec)
@@ -178,7 +178,6 @@ class BenchmarkRun:
         for group, cells in groups.items():
             name, batch_size, workers, use_gpu, data_json = group
             bb = self.loaded[name]
-            t = self.spec.train_for(cells[0].backbone, cells[0].method)
             epochs = max(c.train_cfg.epochs for c in cells)
             fit_name = f"heads-{name}-{stable_hash([c.checkpoint.name for c in cells], 10)}"
             progress_file = self.cache / "ray_results" / f"{fit_name}.progress.json"
@@ -248,7 +247,7 @@ class BenchmarkRun:
         remote = ray.remote(evaluation.run_shard).options(
             num_cpus=sh.cpus_per_task, num_gpus=sh.gpus_per_task, max_retries=sh.max_retries,
             retry_exceptions=[OSError, RuntimeError])
-        pending, owner, bars = {}, {}, {}
+        pending, bars = {}, {}
         for cell in self.cells:
             todo = [j for j in cell.jobs if not Path(j.out_path).exists()]
             bars[cell.key] = progress.add_task(f"evaluate {cell.key}", total=len(cell.jobs),

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from methods.lcam import AttentionHead
-from methods.lcam_train import TrainConfig, head_meta, make_optimizer, save_head, train_step
+from methods.lcam_train import TrainConfig, head_meta, make_optimizer, save_head, seed_epoch, train_step
 
 TRAIN_VERSION = 2   # bumped whenever the same config trains different heads (cached heads redone)
 
@@ -42,6 +42,24 @@ def _log_curves(config: dict, epoch: int, per_head: dict[str, dict]) -> None:
                     Metric(f"train_{k}", float(v), now, epoch) for k, v in metrics.items()])
     except Exception as err:  # curves are a convenience: never fail training for them
         print(f"warning: could not log training curves to MLflow: {err}")
+
+
+def _test_fault(config: dict, rank: int, epoch: int, batch: int) -> None:
+    """Test-only fault injection (tests/test_reliability.py), inert unless the variable is set.
+
+    ``HARNESS_TEST_KILL_TRAIN=<epoch>:<batch>`` SIGKILLs the rank-0 worker process when it
+    reaches that batch of that epoch, once: the marker ``<progress file>.killed`` (atomic
+    create) lets the restarted worker group, and any later fit, train normally.
+    """
+    target = os.environ.get("HARNESS_TEST_KILL_TRAIN")
+    if not target or rank != 0 or target != f"{epoch}:{batch}" or not config.get("progress_file"):
+        return
+    try:
+        os.close(os.open(f"{config['progress_file']}.killed", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -85,11 +103,10 @@ def train_loop_per_worker(config: dict) -> None:
                         pin_memory=device.type == "cuda")
     for epoch in range(start, config["epochs"]):
         sampler.set_epoch(epoch)
-        # The augmentation (random flips/crops) draws from torch's global RNG: seed it per
-        # epoch, so a fit resumed from a checkpoint trains on what an unbroken fit would have.
-        torch.manual_seed(config["seed"] * 1_000_003 + epoch + 1)
+        seed_epoch(config["seed"], epoch)      # the sampler's shuffle is seeded by set_epoch
         sums = {hid: {} for hid in heads}
-        for batch in loader:
+        for step_index, batch in enumerate(loader):
+            _test_fault(config, rank, epoch, step_index)
             images, gt = batch[0].to(device, non_blocking=True), batch[1].to(device)
             with torch.no_grad():
                 feats = backbone.features(images)

@@ -17,7 +17,6 @@ An interrupted sweep continues with ``--resume`` without redoing finished trials
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -63,7 +62,7 @@ def trial(config: dict, base: dict) -> None:
     from harness.data import build_dataset
     from harness.protocol import Evaluator
     from methods.lcam import AttentionHead
-    from methods.lcam_train import TrainConfig, make_optimizer, run_epoch
+    from methods.lcam_train import TrainConfig, make_optimizer, run_epoch, seed_epoch
 
     torch.set_num_threads(max(1, int(base["threads"])))
     cfg_dict = dict(base["train"])
@@ -94,9 +93,9 @@ def trial(config: dict, base: dict) -> None:
         optimizer.load_state_dict(state["optim"])
         scheduler.load_state_dict(state["sched"])
         start = state["epoch"] + 1
-        gen.manual_seed(cfg.seed + start)
     explainer = methods.create(base["method"], bb) if base["fraction"] else None
     for epoch in range(start, cfg.epochs):
+        seed_epoch(cfg.seed, epoch, gen)      # a restored trial trains as an unbroken one
         head.train()
         train = run_epoch(bb, head, train_loader, cfg, optimizer)
         scheduler.step()
@@ -158,18 +157,17 @@ def best_spec(spec, sweep, config: dict) -> dict:
 
 def run_sweep(spec, resume: bool = False, console=None) -> dict:
     """Run (or resume) the sweep; returns the best config, metric and written paths."""
-    import ray
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from rich.console import Console
+    from .terminal import make_console
     from rich.table import Table
 
     from .runner import init_ray
     from .tracking import Tracker, git_commit, package_versions
     from .training import ray_env_defaults
 
-    console = console or Console()
+    console = console or make_console()
     ray_env_defaults()
     sweep = spec.extras["sweep"]
     name = f"{spec.name}-{spec.fingerprint()}"

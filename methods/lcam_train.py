@@ -101,6 +101,19 @@ def train_step(backbone, head, images, gt_labels, cfg: TrainConfig, optimizer=No
     return out
 
 
+def seed_epoch(seed: int, epoch: int, generator: torch.Generator | None = None) -> None:
+    """Seed everything random in one training epoch from (seed, epoch) alone.
+
+    The augmentation (random flips and crops) draws from torch's global RNG and the shuffle
+    from ``generator``: seeding both at the start of each epoch makes a run resumed from an
+    epoch checkpoint train on exactly what an unbroken run would have.
+    """
+    base = int(seed) * 1_000_003 + int(epoch)
+    torch.manual_seed(base + 1)
+    if generator is not None:
+        generator.manual_seed(base + 2)
+
+
 def run_epoch(backbone, head, loader: Iterable, cfg: TrainConfig, optimizer=None,
               device="cpu") -> dict:
     """Mean loss terms over one pass of ``loader`` (training when ``optimizer`` is given)."""
@@ -148,6 +161,7 @@ def train_head(backbone, loader: Iterable, cfg: TrainConfig, checkpoint: str | P
     head = AttentionHead(backbone.feature_channels, backbone.num_classes).to(device).train()
     optimizer, scheduler = make_optimizer(head, cfg)
     for epoch in range(cfg.epochs):
+        seed_epoch(cfg.seed, epoch)
         metrics = run_epoch(backbone, head, loader, cfg, optimizer, device)
         metrics["lr"] = scheduler.get_last_lr()[0]
         scheduler.step()

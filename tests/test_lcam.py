@@ -12,8 +12,8 @@ from methods import lcam
 from methods.base import ExplainerInputError
 from methods.lcam import (CE_ONLY_LAMBDAS, PAPER_LAMBDAS, AttentionHead, area_loss, lcam_loss,
                           load_head, select_maps, training_forward, tv_loss)
-from methods.lcam_train import (TrainConfig, head_meta, run_epoch, save_head, train_head,
-                                train_step)
+from methods.lcam_train import (TrainConfig, head_meta, run_epoch, save_head, seed_epoch,
+                                train_head, train_step)
 
 
 def logit(p):
@@ -259,3 +259,32 @@ def test_head_for_the_wrong_backbone_fails_clearly(random_backbone, tiny_backbon
     assert "tiny_other" in str(err.value) and "'tiny'" in str(err.value)
     with pytest.raises(ExplainerInputError, match="does not exist"):
         methods.create("lcam_fm", bb, checkpoint=str(tmp_path / "missing.pt"))
+
+
+def test_seed_epoch_makes_an_epoch_depend_on_seed_and_epoch_only():
+    """A run resumed at epoch 2 sees the batches (order and augmentation) of an unbroken run."""
+    from torch.utils.data import DataLoader, Dataset
+
+    class Augmented(Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return torch.full((2,), float(i)) + torch.rand(2), i    # augmentation: global RNG
+
+    def epoch_batches(loader, gen, epoch, seed=7):
+        seed_epoch(seed, epoch, gen)
+        return [b[0].clone() for b in loader]
+
+    gen = torch.Generator()
+    loader = DataLoader(Augmented(), batch_size=4, shuffle=True, generator=gen)
+    unbroken = [epoch_batches(loader, gen, e) for e in range(3)]
+    gen2 = torch.Generator().manual_seed(123)                        # a fresh process
+    torch.manual_seed(999)
+    loader2 = DataLoader(Augmented(), batch_size=4, shuffle=True, generator=gen2)
+    resumed = epoch_batches(loader2, gen2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(unbroken[2], resumed))
+    assert not torch.equal(unbroken[1][0], unbroken[2][0])           # epochs still differ
+    gen3 = torch.Generator()
+    loader3 = DataLoader(Augmented(), batch_size=4, shuffle=True, generator=gen3)
+    assert not torch.equal(epoch_batches(loader3, gen3, 2, seed=8)[0], resumed[0])

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import math
 import os
 import pickle
@@ -205,6 +206,14 @@ def assert_rows_complete(metrics: dict[str, dict]) -> None:
         assert sorted(per_image.column("image_id").to_pylist()) == sorted(ids)
 
 
+def assert_same_heads(got: dict, want: dict, after: str) -> None:
+    """Both L-CAM heads, tensor for tensor equal to the undisturbed run's."""
+    assert set(got) == set(want) and len(got) == 2, (sorted(got), sorted(want))
+    for name, state in want.items():
+        for k, t in state.items():
+            assert torch.equal(got[name][k], t), f"{name} {k} differs after {after}"
+
+
 def shard_files(cache: Path) -> list[Path]:
     return list((cache / "shards").glob("*/*/shard-*.parquet"))
 
@@ -222,6 +231,22 @@ def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 240)
         if time.time() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def kill_when(args: list[str], env: dict, log: Path, cwd: Path, ready, what: str,
+              settle: float = 0.0) -> None:
+    """Start ``args`` in a new session, wait until ``ready()``, SIGKILL its process group."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_for(ready, proc, what)
+            time.sleep(settle)
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -274,18 +299,16 @@ def test_driver_killed_during_evaluation_then_rerun(stores, reference, tmp_path,
     cache = fresh_cache(tmp_path, heads_from=reference["cache"])
     env = stores.env(cache, ray_tmp)
     args = harness_run("tracking.experiment=rel-driver-eval")
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(args, cwd=stores.work, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for(lambda: len(shard_files(cache)) > 0, proc, "the first shard file")
-            bound = listening_addresses(ray_processes(ray_tmp))
-            done = len(shard_files(cache))
-            os.killpg(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    seen = {}
+
+    def first_shard() -> bool:
+        if shard_files(cache):
+            seen["bound"] = listening_addresses(ray_processes(ray_tmp))
+            seen["done"] = len(shard_files(cache))
+        return bool(seen)
+
+    kill_when(args, env, tmp_path / "killed.log", stores.work, first_shard, "the first shard file")
+    bound, done = seen["bound"], seen["done"]
     assert 0 < done < N_SHARDS, f"{done} shards were done when the driver was killed"
     assert bound and all(a.startswith("127.") for a in bound), bound
     parents, _ = stores.runs("rel-driver-eval")
@@ -318,25 +341,75 @@ def test_driver_killed_during_head_training_then_rerun(stores, reference, tmp_pa
                     found = max(found, torch.load(ckpt, weights_only=True)["epoch"] + 1)
         return found
 
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(args, cwd=stores.work, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for(lambda: epochs_saved() > 0, proc, "the first epoch checkpoint")
-            os.killpg(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    kill_when(args, env, tmp_path / "killed.log", stores.work, lambda: epochs_saved() > 0,
+              "the first epoch checkpoint")
     assert 0 < epochs_saved() < 3, f"killed after {epochs_saved()} of 3 epochs"
     assert not list((cache / "heads").glob("*/*.pt")), "killed too late: heads were written"
     stores.ok(args, env)
-    got = heads_of(cache)
-    assert set(got) == set(reference["heads"]) and len(got) == 2
-    for name, state in reference["heads"].items():
-        for k, t in state.items():
-            assert torch.equal(got[name][k], t), f"{name} {k} differs after the resumed fit"
+    assert_same_heads(heads_of(cache), reference["heads"], "the resumed fit")
     metrics = stores.finished("rel-driver-train")
+    assert_rows_complete(metrics)
+    assert_same_numbers(metrics, reference["metrics"])
+
+
+# -- 3b. worker fault during head training -----------------------------------------------------
+def test_killed_train_worker_resumes_from_the_last_checkpoint(stores, reference, tmp_path, ray_tmp):
+    """The Ray Train worker SIGKILLs itself in the middle of epoch 2 (of 3); FailureConfig
+    restarts the worker group from the epoch-1 checkpoint, the run finishes in one command,
+    epoch 1 is not trained (logged) twice, and the heads equal the undisturbed run's."""
+    cache = fresh_cache(tmp_path)
+    env = stores.env(cache, ray_tmp, HARNESS_TEST_KILL_TRAIN="1:2")
+    stores.ok(harness_run("tracking.experiment=rel-train-worker"), env)
+    markers = list((cache / "ray_results").glob("heads-tiny_vgg-*.progress.json.killed"))
+    assert len(markers) == 1, "the fault hook did not fire"
+    assert_same_heads(heads_of(cache), reference["heads"], "the worker restart")
+    metrics = stores.finished("rel-train-worker")
+    parent = [p for p in stores.runs("rel-train-worker")[0] if p.info.status == "FINISHED"][0]
+    child = [c for c in stores.runs("rel-train-worker")[1]
+             if c.data.tags["run_key"] == "tiny_vgg/lcam_fm"
+             and c.data.tags["mlflow.parentRunId"] == parent.info.run_id][0]
+    steps = [m.step for m in stores.client.get_metric_history(child.info.run_id, "train_loss")]
+    assert sorted(steps) == [0, 1, 2], f"epochs logged: {sorted(steps)} (a restart from scratch?)"
+    assert_rows_complete(metrics)
+    assert_same_numbers(metrics, reference["metrics"])
+
+
+# -- 3c. driver faults while the data set is generated and the backbone trained ---------------
+def test_driver_killed_during_data_generation_and_backbone_training(stores, reference, tmp_path,
+                                                                     ray_tmp):
+    """On an empty cache: SIGKILL to the driver's process group while the quickstart images are
+    being written, the same command again killed while the embedded backbone trains, then the
+    same command once more: byte-identical data, bit-identical backbone weights, no temporary
+    leftovers, and the undisturbed run's numbers."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = stores.env(cache, ray_tmp)
+    args = harness_run("tracking.experiment=rel-driver-prepare")
+
+    def generated() -> int:
+        return sum(len(list(d.glob("*/*/*.png"))) for d in cache.glob(".quickstart-v1.tmp-*"))
+
+    def training_backbone() -> bool:
+        return bool(list((cache / "backbones").glob(".tiny_vgg-v*.pt")))
+
+    for stage, started, settle in (("data generation", lambda: generated() > 300, 0.0),
+                                   ("backbone training", training_backbone, 3.0)):
+        kill_when(args, env, tmp_path / f"killed-{stage.split()[0]}.log", stores.work, started,
+                  stage, settle)
+        assert not list((cache / "backbones").glob("tiny_vgg-*.json")), f"{stage}: too late"
+    assert (cache / "quickstart-v1").is_dir(), "the second run did not regenerate the data"
+    stores.ok(args, env, timeout=600)
+    want_data = json.loads((TEST_CACHE / "quickstart-v1" / "quickstart.json").read_text())
+    got_data = json.loads((cache / "quickstart-v1" / "quickstart.json").read_text())
+    assert got_data["content_sha256"] == want_data["content_sha256"]
+    [want_side] = (TEST_CACHE / "backbones").glob("tiny_vgg-*.json")
+    got_side = cache / "backbones" / want_side.name
+    assert json.loads(got_side.read_text())["weights_hash"] == \
+        json.loads(want_side.read_text())["weights_hash"]
+    leftovers = list(cache.glob(".quickstart-v1.tmp-*")) + \
+        list((cache / "backbones").glob(".tiny_vgg-*"))
+    assert not leftovers, leftovers
+    metrics = stores.finished("rel-driver-prepare")
     assert_rows_complete(metrics)
     assert_same_numbers(metrics, reference["metrics"])
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from services import REPO, base_env, short_tmp
+from services import base_env, short_tmp
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,6 @@ def test_sweep_stops_trials_early_logs_to_mlflow_and_writes_a_runnable_spec(tmp_
 
 
 def test_resume_after_kill_does_not_rerun_finished_trials(tmp_path, env):
-    from harness.paths import cache_dir  # noqa: F401  (the test cache is shared)
     from harness.spec import load_spec
     from harness.sweep import check_sweep
     path = write_spec(tmp_path, "tiny_sweep_b", train={"epochs": 3, "batch_size": 32,
