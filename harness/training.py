@@ -49,7 +49,10 @@ def _test_fault(config: dict, rank: int, epoch: int, batch: int) -> None:
 
     ``HARNESS_TEST_KILL_TRAIN=<epoch>:<batch>`` SIGKILLs the rank-0 worker process when it
     reaches that batch of that epoch, once: the marker ``<progress file>.killed`` (atomic
-    create) lets the restarted worker group, and any later fit, train normally.
+    create) lets the restarted worker group, and any later fit, train normally. It first waits
+    until the controller has registered the previous epoch's checkpoint (it polls workers
+    every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s): a worker that dies sooner loses that
+    report and the group restarts one checkpoint earlier, which is correct but not this test.
     """
     target = os.environ.get("HARNESS_TEST_KILL_TRAIN")
     if not target or rank != 0 or target != f"{epoch}:{batch}" or not config.get("progress_file"):
@@ -58,6 +61,18 @@ def _test_fault(config: dict, rank: int, epoch: int, batch: int) -> None:
         os.close(os.open(f"{config['progress_file']}.killed", os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         return
+    import ray.train
+    snapshot = Path(ray.train.get_context().get_storage().experiment_fs_path,
+                    "checkpoint_manager_snapshot.json")
+    deadline = time.time() + 60
+    while epoch > 0 and time.time() < deadline:
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]
+            if latest["epoch"] >= epoch - 1:
+                break
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(0.1)
     import signal
     os.kill(os.getpid(), signal.SIGKILL)
 
