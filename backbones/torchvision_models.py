@@ -27,7 +27,7 @@ def _vgg_split(model: nn.Module, cut: int):
 
 
 @REGISTRY.register("vgg16", paper="Simonyan & Zisserman 2015", feature_layer="features.29",
-                   feature_shape=(512, 14, 14), family="torchvision",
+                   feature_shape=(512, 14, 14), family="torchvision", input_size=(224, 224),
                    weights_enum="VGG16_Weights")
 def vgg16(weights="IMAGENET1K_V1", seed: int = 0) -> SplitBackbone:
     model, wid = build_torchvision(models.vgg16, "VGG16_Weights", weights, seed)
@@ -38,6 +38,7 @@ def vgg16(weights="IMAGENET1K_V1", seed: int = 0) -> SplitBackbone:
 
 @REGISTRY.register("vgg16_7x7", paper="Simonyan & Zisserman 2015; L-CAM-Img dagger",
                    feature_layer="features.30", feature_shape=(512, 7, 7), family="torchvision",
+                   input_size=(224, 224),
                    weights_enum="VGG16_Weights")
 def vgg16_7x7(weights="IMAGENET1K_V1", seed: int = 0) -> SplitBackbone:
     model, wid = build_torchvision(models.vgg16, "VGG16_Weights", weights, seed)
@@ -47,7 +48,7 @@ def vgg16_7x7(weights="IMAGENET1K_V1", seed: int = 0) -> SplitBackbone:
 
 
 @REGISTRY.register("resnet50", paper="He et al. 2016", feature_layer="layer4",
-                   feature_shape=(2048, 7, 7), family="torchvision",
+                   feature_shape=(2048, 7, 7), family="torchvision", input_size=(224, 224),
                    weights_enum="ResNet50_Weights")
 def resnet50(weights="IMAGENET1K_V1", seed: int = 0) -> SplitBackbone:
     model, wid = build_torchvision(models.resnet50, "ResNet50_Weights", weights, seed)

@@ -26,7 +26,6 @@ perturbation methods); the sanity check explains ``sanity_images`` images (steps
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +34,7 @@ from PIL import Image, ImageDraw
 
 from . import localisation, sanity
 from .overlays import grid, overlay
+from .paths import atomic_write
 
 MIN_TILE = 160          # tiles are upscaled (nearest) to at least this many pixels a side
 
@@ -80,16 +80,7 @@ def draw_boxes(im: Image.Image, boxes: Sequence[tuple[Sequence[float], str]],
 
 def save_png(image: Image.Image, path: Path) -> Path:
     """Write ``image`` to ``path`` atomically (temporary name, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def class_name(names: Sequence[str] | None, c: int) -> str:

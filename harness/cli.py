@@ -84,8 +84,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SpecError as err:
         print(err.format(), file=sys.stderr)
         return 2
-    from harness.runner import run_benchmark  # Ray, MLflow: only once the spec is valid
-    result = run_benchmark(spec)
+    from harness.runner import InputRefused, run_benchmark  # Ray, MLflow: once the spec is valid
+    try:
+        result = run_benchmark(spec)
+    except InputRefused as err:
+        print(f"error: {err}", file=sys.stderr)
+        print("nothing was started: fix the data or set data.on_bad_image: skip", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 

@@ -33,14 +33,17 @@ replacement (kept in list order), then ``limit`` keeps the first ``limit``.
 Bad input raises ``DataError`` naming the file (and ``file:line`` for list files): a missing
 root or split folder, a malformed list line, a listed file that does not exist, an image that
 cannot be decoded (corrupt or truncated). Grayscale, CMYK, palette and RGBA images are
-converted to RGB. With ``on_bad_image="skip"`` every selected image is decoded once when the
-data set is built and bad ones (missing or undecodable) are left out and counted
-(``ds.skipped``, ``ds.bad``), so that ``len(ds)`` is exact before evaluation starts.
+converted to RGB. With ``on_bad_image="skip"`` every selected evaluation image is decoded once
+when the data set is built and bad ones (missing or undecodable) are left out and counted
+(``ds.skipped``, ``ds.bad``), so that ``len(ds)`` is exact before evaluation starts. A training
+set is not decoded up front (ImageNet's train split is 1.28M files): under "skip" an image that
+fails to decode is replaced by the next one that decodes (deterministic) and a warning names it.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -226,13 +229,25 @@ class ImageDataset(Dataset):
         self.on_bad_image = on_bad_image
         self.bad = list(bad or [])
         self.info = dict(info or {})
+        self._warned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        path, label, image_id = self.items[i]
-        return self.transform(load_image(path)), label, image_id
+        if not -len(self.items) <= i < len(self.items):
+            raise IndexError(f"index {i} out of range for {len(self.items)} images")
+        for step in range(len(self.items)):
+            path, label, image_id = self.items[(i + step) % len(self.items)]
+            try:
+                return self.transform(load_image(path)), label, image_id
+            except DataError as err:
+                if self.on_bad_image == "stop":
+                    raise
+                if str(path) not in self._warned:
+                    self._warned.add(str(path))
+                    warnings.warn(f"skipped (data.on_bad_image: skip): {err}", stacklevel=2)
+        raise DataError(f"no image of this data set ({self.info.get('source')}) can be decoded")
 
     @property
     def skipped(self) -> int:
@@ -354,7 +369,7 @@ def build_dataset(kind: str, split: str, input_size, root: str | Path | None = N
             "resize": res, "crop": list(crop)}
     ds = ImageDataset(items, make_transform(input_size, train, kind, res), classes,
                       on_bad_image, missing, info)
-    if on_bad_image == "skip":
+    if on_bad_image == "skip" and not train:
         ds.verify()
     return ds
 

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import localisation
+from .paths import atomic_write
 from .protocol import Evaluator, ProtocolPreset, average_drop, fraction_key, increase_in_confidence
 
 
@@ -165,25 +166,15 @@ def run_shard(job: ShardJob) -> dict:
             rows["seconds"].append(seconds)
             rows["shard"].append(job.shard)
     if kept["ids"]:
-        maps = out.with_name(f"maps-{job.shard:05d}.pt")
-        maps.parent.mkdir(parents=True, exist_ok=True)
-        tmp = maps.with_name(f".{maps.name}.{os.getpid()}.tmp")
-        torch.save({"images": torch.stack(kept["images"]), "maps": torch.stack(kept["maps"]),
-                    "ids": kept["ids"]}, tmp)
-        os.replace(tmp, maps)
+        maps = {"images": torch.stack(kept["images"]), "maps": torch.stack(kept["maps"]),
+                "ids": kept["ids"]}
+        atomic_write(out.with_name(f"maps-{job.shard:05d}.pt"), lambda tmp: torch.save(maps, tmp))
     write_table_atomic(pa.table(rows), out)
     return {"shard": job.shard, "path": str(out), "rows": len(rows["image_id"]), "reused": False}
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_rows(paths: list[Path]) -> pa.Table:

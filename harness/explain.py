@@ -28,6 +28,8 @@ from typing import Sequence
 
 import torch
 
+from .paths import write_text_atomic
+
 DEFAULT_OUT = "explanations"
 
 
@@ -166,10 +168,8 @@ def run(args) -> list[dict]:
                              args.top_k, suffix=f"-{args.method}")
     summary = {"backbone": bb.name, "weights_id": bb.weights_id, **explainer.describe(),
                "images": records}
-    out = Path(args.out) / "explain.json"
-    tmp = out.with_name(".explain.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    tmp.replace(out)
+    write_text_atomic(Path(args.out) / "explain.json",
+                      json.dumps(summary, indent=1, default=str) + "\n")
     return records
 
 

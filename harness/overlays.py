@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .paths import atomic_write
+
 
 def colormap(values: np.ndarray) -> np.ndarray:
     """Map [0, 1] to RGB uint8 with a piecewise-linear jet palette (blue -> red)."""
@@ -50,8 +52,4 @@ def save_overlay_grid(path: Path, images: torch.Tensor, saliency: torch.Tensor,
     originals = [overlay(im, torch.zeros(im.shape[-2:]), alpha=0.0) for im in images]
     overlays = [overlay(im, s) for im, s in zip(images, saliency)]
     out = grid([originals, overlays], ["image", "saliency"], scale, titles)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    out.save(tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: out.save(tmp, format="PNG"))

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import table
+from .paths import atomic_write, write_text_atomic
 
 IDENTITY = ("backbone", "display_name", "method", "method_id", "variant", "weights_id", "status",
             "run_id")
@@ -241,19 +241,7 @@ def plot(path: Path, name: str, entry: dict, columns: list[str]) -> Path:
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(title_of(name, entry))
     fig.subplots_adjust(left=0.07, right=0.78, bottom=0.13, top=0.86, wspace=0.28)
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
-def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _safe(name: str) -> str:
@@ -263,8 +251,8 @@ def _safe(name: str) -> str:
 def write_report(data: dict, out: Path) -> list[Path]:
     """Write table.md, table.csv and one plot per backbone into ``out``; return the paths."""
     out = Path(out)
-    paths = [_atomic(out / "table.md", lambda t: t.write_text(markdown(data), encoding="utf-8")),
-             _atomic(out / "table.csv", lambda t: t.write_text(csv_text(data), encoding="utf-8"))]
+    paths = [write_text_atomic(out / "table.md", markdown(data)),
+             write_text_atomic(out / "table.csv", csv_text(data))]
     try:
         import matplotlib  # noqa: F401  (a dependency of the plots only)
     except ImportError:

@@ -83,6 +83,13 @@ def preset_of(spec) -> ProtocolPreset:
     return PAPER if p in (None, "paper") else ProtocolPreset(name="custom", **dict(p))
 
 
+DEFAULT_INPUT_SIZE = (224, 224)     # torchvision classifiers; entries may say otherwise
+
+
+class InputRefused(Exception):
+    """Bad input found before the run started anything (the CLI exits with code 2)."""
+
+
 def data_kwargs(spec, split: str, input_size, train: bool) -> dict:
     d = spec.data
     list_file = d.list_file
@@ -124,30 +131,47 @@ class BenchmarkRun:
         self.loaded: dict[str, Any] = {}
         self.eval_sets: dict[str, Any] = {}
 
-    # -- 1-2: data and backbones ----------------------------------------------------------
-    def prepare(self, progress: Progress) -> None:
-        if self.spec.data.kind == "quickstart":
-            from .quickstart import ensure_quickstart
-            task = progress.add_task("quickstart data", total=None)
+    # -- 1: data (before anything is started or recorded) ----------------------------------
+    def check_data(self, progress: Progress) -> None:
+        """Generate the quickstart data if needed and build every evaluation set, decoding each
+        image once: a bad image under ``on_bad_image: stop`` (or nothing left under ``skip``)
+        raises ``InputRefused`` before any MLflow run, Ray or training has started."""
+        from .data import DataError, build_dataset
+        try:
+            if self.spec.data.kind == "quickstart":
+                from .quickstart import ensure_quickstart
+                task = progress.add_task("quickstart data", total=None)
 
-            def tick(done, total):
-                progress.update(task, completed=done, total=total)
-            ensure_quickstart(progress=tick)
-            progress.update(task, completed=1, total=1)
+                def tick(done, total):
+                    progress.update(task, completed=done, total=total)
+                ensure_quickstart(progress=tick)
+                progress.update(task, completed=1, total=1)
+            for b in self.spec.backbones:
+                size = backbones.REGISTRY.get(b.name).meta.get("input_size", DEFAULT_INPUT_SIZE)
+                kw = data_kwargs(self.spec, "val", size, train=False)
+                ds = build_dataset(**kw)
+                if ds.on_bad_image == "stop":           # "skip" has decoded them already
+                    task = progress.add_task(f"check {len(ds)} images for {b.name}", total=None)
+                    ds.verify()
+                    progress.update(task, completed=1, total=1)
+                if not len(ds):
+                    raise DataError(f"no images left to evaluate for {b.name}: all {ds.skipped} "
+                                    f"selected were skipped (first: {ds.bad[0][1]})" if ds.bad
+                                    else f"no images to evaluate for {b.name}")
+                self.eval_sets[b.name] = (kw, ds, ds.list_hash)
+        except DataError as err:
+            raise InputRefused(str(err)) from None
+
+    # -- 2: backbones ---------------------------------------------------------------------
+    def prepare(self, progress: Progress) -> None:
         for b in self.spec.backbones:
             task = progress.add_task(f"backbone {b.name}", total=None)
             self.loaded[b.name] = backbones.load(b.name, weights=b.weights)
             progress.update(task, completed=1, total=1)
-        from .data import build_dataset
-        for b in self.spec.backbones:
-            kw = data_kwargs(self.spec, "val", self.loaded[b.name].input_size, train=False)
-            ds = build_dataset(**kw)
-            if not len(ds):
-                from .data import DataError
-                raise DataError(f"no images left to evaluate for {b.name}: all {ds.skipped} "
-                                f"selected were skipped (first: {ds.bad[0][1]})" if ds.bad
-                                else f"no images to evaluate for {b.name}")
-            self.eval_sets[b.name] = (kw, ds, ds.list_hash)
+            size = tuple(self.loaded[b.name].input_size)
+            if tuple(self.eval_sets[b.name][0]["input_size"]) != size:
+                raise RuntimeError(f"backbone {b.name}: its registry entry says input size "
+                                   f"{self.eval_sets[b.name][0]['input_size']}, the model {size}")
 
     # -- 3: heads -------------------------------------------------------------------------
     def plan_heads(self) -> dict[tuple, list[Cell]]:
@@ -321,6 +345,10 @@ class BenchmarkRun:
         s = self.spec
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), console=self.console, transient=False)
+        with progress:
+            self.check_data(progress)
+        for task in progress.task_ids:      # shown once: the bars below start afresh
+            progress.remove_task(task)
         tracker = Tracker(s.tracking.experiment or s.name)
         self.spec_file = self.cache / "specs" / f"{s.name}-{s.fingerprint()}.yaml"
         self.spec_file.parent.mkdir(parents=True, exist_ok=True)

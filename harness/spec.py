@@ -11,8 +11,8 @@ A bad spec raises ``SpecError`` listing *every* problem at once (the CLI prints
       methods[2].name: unknown method 'score-cam'. Did you mean 'scorecam'? Available: ...
       evaluation.keep_fractions[2]: 15 is not a fraction in (0, 1]. To keep the top 15%, write 0.15.
 
-Rules (every key with its default: the ``*Spec`` dataclasses below; an annotated example:
-``jobs/quickstart.yaml``):
+Rules (every key with its default: the ``*Spec`` dataclasses in ``harness.spec_model``; an
+annotated example: ``jobs/quickstart.yaml``):
 - Read with a ``yaml.SafeLoader`` subclass (nothing is ever constructed, imported or run);
   a key repeated in one mapping is a problem (plain YAML silently keeps the last one).
 - ``schema: 1`` is required; unknown keys are rejected at every level, with "did you mean".
@@ -28,522 +28,40 @@ Rules (every key with its default: the ``*Spec`` dataclasses below; an annotated
 - ``key=value`` overrides (``train.epochs=2``, ``methods[0].params.batch_size=8``; the value
   is parsed with ``yaml.safe_load``) are applied to the raw mapping before validation; a
   path that cannot be applied is itself a reported problem.
+
+This module is the entry point: ``load_spec`` and the section builders that turn the raw
+mapping into a ``Spec``. The pieces it uses live beside it, and their public names are
+re-exported here (import them from ``harness.spec``):
+- ``harness.spec_model``: ``SpecError`` and the resolved ``*Spec`` dataclasses;
+- ``harness.spec_fields``: the field tables, ``describe()`` and the problem-collecting checker;
+- ``harness.spec_yaml``: the YAML loader and ``key=value`` overrides.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import math
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
-
-import yaml
+from typing import Any, Callable, Iterable, Iterator
 
 from harness.registry import did_you_mean
+from harness.spec_fields import (
+    _ALIASES, _BAD, BACKBONE_KEYS, BUILTIN_LISTS, DATA_FIELDS, EVAL_FIELDS, METHOD_KEYS,
+    PRESET_FIELDS, RAY_FIELDS, SAFE_ID, SAFE_NAME, SAFE_TAG, SHARD_FIELDS, TOP_FIELDS,
+    TRACKING_FIELDS, TRAIN_FIELDS, _Checker, _F, _join, describe)
+from harness.spec_model import (
+    SCHEMA_VERSION, BackboneSpec, DataSpec, EvalSpec, MethodSpec, RaySpec, ShardSpec, Spec,
+    SpecError, TrackingSpec, TrainSpec)
+from harness.spec_yaml import _apply_overrides, _parse_yaml
+
+__all__ = [
+    "load_spec", "SpecError", "Spec", "TrainSpec", "BackboneSpec", "MethodSpec", "DataSpec",
+    "EvalSpec", "ShardSpec", "TrackingSpec", "RaySpec", "SCHEMA_VERSION", "BUILTIN_LISTS",
+    "SAFE_ID", "SAFE_NAME", "SAFE_TAG", "TRAIN_FIELDS", "DATA_FIELDS", "EVAL_FIELDS",
+    "PRESET_FIELDS", "SHARD_FIELDS", "TRACKING_FIELDS", "RAY_FIELDS", "TOP_FIELDS",
+    "BACKBONE_KEYS", "METHOD_KEYS", "describe",
+]
 
-SCHEMA_VERSION = 1
-BUILTIN_LISTS = ("Evaluation_2000",)       # 'builtin:<name>' list files (harness.data resolves)
-SAFE_ID = re.compile(r"^[A-Za-z0-9_.\-/]+$")           # MLflow-safe run keys
-SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")          # spec names (also used in paths)
-SAFE_TAG = re.compile(r"^[A-Za-z0-9_.\-/ ]+$")         # MLflow tag keys
-_SCI = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\[\d+\])*(\.[A-Za-z_][\w-]*(\[\d+\])*)*$")
-_BAD = object()
 
-
-class SpecError(ValueError):
-    """An invalid spec: ``path`` (as given), ``problems`` [(field_path, message)], ``format()``."""
-
-    def __init__(self, path: str, problems: list[tuple[str, str]]):
-        self.path, self.problems = str(path), list(problems)
-        super().__init__(self.format())
-
-    def format(self) -> str:
-        n = len(self.problems)
-        lines = [f"{self.path}: {n} problem{'' if n == 1 else 's'}; nothing was started."]
-        lines += [f"  {where}: {msg}" if where else f"  {msg}" for where, msg in self.problems]
-        return "\n".join(lines)
-
-
-# -- the resolved spec ---------------------------------------------------------------------
-@dataclass
-class TrainSpec:
-    """L-CAM head training (protocol.md section 3); defaults are the paper's VGG-16 recipe."""
-
-    epochs: int = 7
-    batch_size: int = 64
-    lr: float = 1e-4
-    lr_decay: float = 0.75
-    lambda1: float = 0.01
-    lambda2: float = 2.0
-    lambda3: float = 1.5
-    lambda4: float = 0.3
-    variant: str = "paper"
-    labels: str = "model"
-    workers: int = 1
-    use_gpu: bool = False
-
-    @property
-    def lambdas(self) -> tuple[float, float, float, float]:
-        return (self.lambda1, self.lambda2, self.lambda3, self.lambda4)
-
-    @property
-    def ce_only(self) -> bool:
-        """The paper's starred ablation: no TV and no area term."""
-        return self.lambda1 == 0 and self.lambda2 == 0
-
-    def merged(self, overrides: dict[str, Any] | None) -> "TrainSpec":
-        return dataclasses.replace(self, **(overrides or {}))
-
-
-@dataclass
-class BackboneSpec:
-    """One backbone: registry ``name``, resolved ``weights`` (name, absolute path or None),
-    ``train`` overrides (partial TrainSpec keys) and an optional ``methods`` id restriction."""
-
-    name: str
-    weights: str | None
-    train: dict[str, Any] = field(default_factory=dict)
-    methods: list[str] | None = None
-
-
-@dataclass
-class MethodSpec:
-    """One method run: registry ``name``, unique ``id`` (the MLflow run key), resolved
-    ``display_name`` and ``variant``, ``params`` (defaults filled from the method class),
-    ``checkpoint`` (absolute path or None) and ``train`` overrides (learned methods only).
-    The default display name is the method's, plus '*' for a learned method whose global +
-    method train block has lambda1 == lambda2 == 0 (the paper's CE-only rows)."""
-
-    name: str
-    id: str
-    display_name: str
-    variant: str
-    params: dict[str, Any] = field(default_factory=dict)
-    checkpoint: str | None = None
-    train: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def family(self) -> str:
-        import methods
-        return methods.method_class(self.name).family
-
-    @property
-    def learned(self) -> bool:
-        return self.family == "learned"
-
-
-@dataclass
-class DataSpec:
-    """Where images come from and which are evaluated."""
-
-    kind: str = "quickstart"
-    root: str | None = None
-    list_file: str | None = None
-    random_count: int | None = None
-    limit: int | None = None
-    train_limit: int | None = None
-    on_bad_image: str = "stop"
-
-
-@dataclass
-class EvalSpec:
-    """AD/IC evaluation: kept fractions, batch size, protocol preset, overlay count.
-
-    ``preset`` is ``'paper'`` or a mapping {soft, fill, score} (``protocol_preset()`` gives
-    the ``harness.protocol.ProtocolPreset``)."""
-
-    keep_fractions: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.15])
-    batch_size: int = 16
-    preset: str | dict = "paper"
-    overlays: int = 8
-    autocast: bool = False         # explanations under autocast (bf16 on CPU, fp16 on GPU)
-    channels_last: bool = False    # backbone and images in channels_last memory format
-
-    def protocol_preset(self):
-        from harness.protocol import PAPER, ProtocolPreset
-        return PAPER if self.preset == "paper" else ProtocolPreset(name="custom", **self.preset)
-
-
-@dataclass
-class ShardSpec:
-    """How evaluation is split into Ray tasks."""
-
-    images_per_task: int = 50
-    cpus_per_task: float = 1.0
-    gpus_per_task: float = 0.0
-    max_retries: int = 3
-
-
-@dataclass
-class TrackingSpec:
-    """MLflow experiment name (default: the spec name) and extra tags."""
-
-    experiment: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class RaySpec:
-    """``address`` None = local Ray (or the cluster when run inside a Ray job)."""
-
-    address: str | None = None
-    num_cpus: int | None = None
-
-
-@dataclass
-class Spec:
-    """A validated benchmark spec with every default resolved."""
-
-    schema: int
-    name: str
-    seed: int
-    backbones: list[BackboneSpec]
-    data: DataSpec
-    methods: list[MethodSpec]
-    train: TrainSpec
-    evaluation: EvalSpec
-    sharding: ShardSpec
-    tracking: TrackingSpec
-    ray: RaySpec
-    path: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)   # extra sections (e.g. ``sweep``)
-
-    def train_for(self, backbone: BackboneSpec, method: MethodSpec) -> TrainSpec:
-        """The train block for one pair: global, then backbone, then method overrides."""
-        return self.train.merged(backbone.train).merged(method.train)
-
-    def pairs(self) -> list[tuple[BackboneSpec, MethodSpec]]:
-        """Every (backbone, method) run, honouring each backbone's ``methods`` restriction."""
-        return [(b, m) for b in self.backbones for m in self.methods
-                if b.methods is None or m.id in b.methods]
-
-    def method(self, method_id: str) -> MethodSpec:
-        return next(m for m in self.methods if m.id == method_id)
-
-    def backbone(self, name: str) -> BackboneSpec:
-        return next(b for b in self.backbones if b.name == name)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved spec as plain YAML-dumpable data (loads back to an equal spec)."""
-        out = dataclasses.asdict(self)
-        out.pop("path")
-        extras = out.pop("extras")
-        for key, value in extras.items():
-            out[key] = value.to_dict() if hasattr(value, "to_dict") else value
-        return out
-
-    def fingerprint(self) -> str:
-        """A stable hash of the resolved spec, excluding ``tracking`` and ``ray`` (where the
-        results are recorded and computed, not what they are)."""
-        data = self.to_dict()
-        data.pop("tracking")
-        data.pop("ray")
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# -- field checks ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _F:
-    kind: str                       # int | float | bool | str | choice
-    default: Any = None
-    lo: float | None = None
-    lo_open: bool = False
-    hi: float | None = None
-    choices: tuple = ()
-    nullable: bool = False
-
-
-TRAIN_FIELDS = {
-    "epochs": _F("int", 7, lo=1), "batch_size": _F("int", 64, lo=1),
-    "lr": _F("float", 1e-4, lo=0, lo_open=True),
-    "lr_decay": _F("float", 0.75, lo=0, lo_open=True, hi=1),
-    "lambda1": _F("float", 0.01, lo=0), "lambda2": _F("float", 2.0, lo=0),
-    "lambda3": _F("float", 1.5, lo=0), "lambda4": _F("float", 0.3, lo=0, lo_open=True),
-    "variant": _F("choice", "paper", choices=("paper", "reference")),
-    "labels": _F("choice", "model", choices=("model", "ground_truth")),
-    "workers": _F("int", 1, lo=1), "use_gpu": _F("bool", False),
-}
-DATA_FIELDS = {
-    "kind": _F("choice", "quickstart", choices=("quickstart", "imagenet")),
-    "root": _F("str", None, nullable=True), "list_file": _F("str", None, nullable=True),
-    "random_count": _F("int", None, lo=1, nullable=True),
-    "limit": _F("int", None, lo=1, nullable=True),
-    "train_limit": _F("int", None, lo=1, nullable=True),
-    "on_bad_image": _F("choice", "stop", choices=("stop", "skip")),
-}
-EVAL_FIELDS = {"keep_fractions": None, "batch_size": _F("int", 16, lo=1), "preset": None,
-               "overlays": _F("int", 8, lo=0), "autocast": _F("bool", False),
-               "channels_last": _F("bool", False)}
-PRESET_FIELDS = {"soft": _F("bool", True), "fill": _F("choice", "black", choices=("black", "mean")),
-                 "score": _F("choice", "prob", choices=("prob", "logit"))}
-SHARD_FIELDS = {"images_per_task": _F("int", 50, lo=1),
-                "cpus_per_task": _F("float", 1.0, lo=0, lo_open=True),
-                "gpus_per_task": _F("float", 0.0, lo=0), "max_retries": _F("int", 3, lo=0)}
-TRACKING_FIELDS = {"experiment": _F("str", None, nullable=True), "tags": None}
-RAY_FIELDS = {"address": _F("str", None, nullable=True),
-              "num_cpus": _F("int", None, lo=1, nullable=True)}
-TOP_FIELDS = ("schema", "name", "seed", "backbones", "data", "methods", "train", "evaluation",
-              "sharding", "tracking", "ray")
-BACKBONE_KEYS = ("name", "weights", "train", "methods")
-METHOD_KEYS = ("name", "id", "display_name", "variant", "params", "checkpoint", "train")
-_ALIASES = {"metrics": "evaluation", "dataset": "data", "eval": "evaluation", "mlflow": "tracking",
-            "model": "backbones", "models": "backbones", "backbone": "backbones",
-            "method": "methods", "version": "schema", "shards": "sharding", "training": "train"}
-_SECTION_HINTS = {"sweep": "a sweep spec: run it with 'python -m harness tune SPEC'"}
-
-
-def describe(value: Any) -> str:
-    """A short, typed rendering of a YAML value for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a boolean)"
-    if isinstance(value, str):
-        return f"'{value}' (a string)"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list" if value else "an empty list"
-    kind = type(value).__name__
-    return f"{value!r} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
-
-
-def _join(where: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{where}[{key}]"
-    return f"{where}.{key}" if where else str(key)
-
-
-class _Checker:
-    """Collects problems; notes which fields were set by an override."""
-
-    def __init__(self, spec_dir: Path, overrides: dict[str, str]):
-        self.problems: list[tuple[str, str]] = []
-        self.spec_dir, self.overrides = spec_dir, overrides
-
-    def origin(self, where: str) -> str | None:
-        for path, text in self.overrides.items():
-            if where == path or where.startswith((path + ".", path + "[")):
-                return text
-        return None
-
-    def add(self, where: str, msg: str) -> None:
-        text = self.origin(where)
-        self.problems.append((where, msg + (f" (set by override '{text}')" if text else "")))
-
-    def path(self, where: str, value: str) -> Path:
-        base = Path.cwd() if self.origin(where) else self.spec_dir
-        return (base / Path(value).expanduser()).resolve()
-
-    # ---- scalars --------------------------------------------------------------------------
-    def value(self, where: str, v: Any, f: _F) -> Any:
-        if v is None:
-            if f.nullable:
-                return None
-            self.add(where, f"null is not allowed; remove the key for the default ({f.default!r})")
-            return _BAD
-        if f.kind == "bool":
-            if not isinstance(v, bool):
-                self.add(where, f"expected true or false, got {describe(v)}")
-                return _BAD
-            return v
-        if f.kind in ("str", "choice"):
-            if not isinstance(v, str):
-                self.add(where, f"expected a string, got {describe(v)}")
-                return _BAD
-            if f.kind == "choice" and v not in f.choices:
-                self.add(where, f"'{v}' is not one of {', '.join(f.choices)}."
-                         f"{did_you_mean(v, f.choices)}")
-                return _BAD
-            return v
-        v = self.number(where, v, f.kind == "int")
-        if v is _BAD:
-            return v
-        lo_ok = f.lo is None or (v > f.lo if f.lo_open else v >= f.lo)
-        if not lo_ok or (f.hi is not None and v > f.hi):
-            if f.hi is not None:
-                rng = f"in {'(' if f.lo_open else '['}{f.lo:g}, {f.hi:g}]"
-            else:
-                rng = f"{'>' if f.lo_open else '>='} {f.lo:g}"
-            self.add(where, f"{v!r} is out of range: must be {rng}")
-            return _BAD
-        return v
-
-    def number(self, where: str, v: Any, integer: bool) -> Any:
-        if isinstance(v, str) and not integer and _SCI.match(v.strip()):
-            v = float(v)          # PyYAML reads 1e-4 as a string; we accept it
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and isinstance(v, float)):
-            hint = ""
-            if integer and isinstance(v, float) and v.is_integer():
-                hint = f" Write {int(v)}."
-            elif integer and isinstance(v, str) and _SCI.match(v.strip()):
-                hint = " Write the integer out in digits."
-            self.add(where, f"expected {'an integer' if integer else 'a number'}, "
-                     f"got {describe(v)}.{hint}")
-            return _BAD
-        if isinstance(v, float) and not math.isfinite(v):
-            self.add(where, f"expected a finite number, got {v!r}")
-            return _BAD
-        return float(v) if not integer else v
-
-    # ---- mappings -------------------------------------------------------------------------
-    def mapping(self, where: str, raw: Any) -> dict:
-        """``raw`` as a dict (None -> {}); any other type is reported and gives {}."""
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            self.add(where, f"expected a mapping, got {describe(raw)}")
-            return {}
-        return raw
-
-    def unknown_keys(self, where: str, raw: dict, accepted: Iterable[str],
-                     hints: dict[str, str] | None = None) -> None:
-        accepted = list(accepted)
-        for key in raw:
-            if not isinstance(key, str):
-                self.add(_join(where, str(key)), f"keys must be strings, got {describe(key)}")
-            elif key not in accepted:
-                if where == "" and key in _SECTION_HINTS:
-                    self.add(key, f"'{key}' belongs in {_SECTION_HINTS[key]}")
-                    continue
-                hint = (f" Did you mean '{hints[key]}'?" if hints and key in hints
-                        else did_you_mean(key, accepted))
-                self.add(_join(where, key), f"unknown key '{key}'.{hint} "
-                         f"Accepted here: {', '.join(accepted)}")
-
-    def section(self, where: str, raw: Any, fields: dict[str, _F], partial: bool = False) -> dict:
-        """Check a mapping of scalar fields; defaults filled unless ``partial``."""
-        raw = self.mapping(where, raw)
-        self.unknown_keys(where, raw, fields)
-        out = {}
-        for key, f in fields.items():
-            if f is None:
-                continue
-            if key in raw:
-                v = self.value(_join(where, key), raw[key], f)
-                if v is not _BAD:
-                    out[key] = v
-                elif not partial:
-                    out[key] = f.default
-            elif not partial:
-                out[key] = f.default
-        return out
-
-    def existing(self, where: str, value: str, what: str, folder: bool = False) -> str | None:
-        p = self.path(where, value)
-        ok = p.is_dir() if folder else p.is_file()
-        if not ok:
-            self.add(where, f"{what} '{value}' does not exist" + (f" (looked for {p})"
-                     if str(p) != value else ""))
-            return None
-        return str(p)
-
-
-# -- YAML and overrides ----------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that records keys repeated within one mapping."""
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self.duplicates: list[tuple[int, Any, int]] = []
-
-
-def _construct_mapping(loader: _Loader, node, deep: bool = False):
-    loader.flatten_mapping(node)
-    seen: dict = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            if key in seen:
-                loader.duplicates.append((key_node.start_mark.line + 1, key, seen[key]))
-            else:
-                seen[key] = key_node.start_mark.line + 1
-        except TypeError:
-            pass                      # unhashable: the base constructor reports it
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _parse_yaml(text: str) -> tuple[Any, list[tuple[str, str]]]:
-    loader = _Loader(text)
-    try:
-        data = loader.get_single_data()
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = " ".join(str(x) for x in (getattr(err, "context", None),
-                                         getattr(err, "problem", None)) if x) or str(err)
-        return None, [(where, f"not valid YAML: {what}")]
-    finally:
-        loader.dispose()
-    return data, [(f"line {line}", f"key '{key}' is repeated (first at line {first}); YAML would "
-                   "silently keep only the last one. Remove one of them.")
-                  for line, key, first in loader.duplicates]
-
-
-def _apply_overrides(raw: dict, overrides: Iterable[str], ck: _Checker) -> None:
-    for text in overrides:
-        path, eq, value = str(text).partition("=")
-        path = path.strip()
-        if not eq or not _OVERRIDE.match(path):
-            ck.problems.append(("overrides", f"'{text}' is not key=value with a dotted key "
-                                "(e.g. train.epochs=2, methods[0].params.batch_size=8)"))
-            continue
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            parsed = value
-        steps: list[str | int] = []
-        for part in path.split("."):
-            name, _, rest = part.partition("[")
-            steps.append(name)
-            steps += [int(i) for i in re.findall(r"\d+", "[" + rest if rest else "")]
-        node, where = raw, ""
-        for i, step in enumerate(steps):
-            last = i == len(steps) - 1
-            if isinstance(step, int):
-                if not isinstance(node, list):
-                    ck.problems.append((where, f"override '{text}': {where} is "
-                                        f"{describe(node)}, not a list; cannot take [{step}]"))
-                    break
-                if step >= len(node):
-                    ck.problems.append((_join(where, step), f"override '{text}': there is no "
-                                        f"{_join(where, step)}; {where} has {len(node)} "
-                                        f"entr{'y' if len(node) == 1 else 'ies'}"))
-                    break
-            elif not isinstance(node, dict):
-                ck.problems.append((where, f"override '{text}': {where} is {describe(node)}, "
-                                    f"not a mapping; cannot set '{step}'"))
-                break
-            if last:
-                node[step] = parsed
-                ck.overrides[_join_all(steps)] = text
-            else:
-                if isinstance(step, str) and node.get(step) is None:
-                    if isinstance(steps[i + 1], int):
-                        ck.problems.append((_join(where, step), f"override '{text}': "
-                                            f"{_join(where, step)} is not set; cannot index it"))
-                        break
-                    node[step] = {}
-                node, where = node[step], _join(where, step)
-
-
-def _join_all(steps: list[str | int]) -> str:
-    where = ""
-    for s in steps:
-        where = _join(where, s)
-    return where
-
-
-# -- the spec sections -----------------------------------------------------------------------
 def load_spec(path: str | os.PathLike, overrides: Iterable[str] = (),
               sections: dict[str, Callable] | None = None) -> Spec:
     """Read, override, validate and resolve a spec file; raises ``SpecError``.
@@ -647,23 +165,34 @@ def _items(where: str, raw: Any, ck: _Checker) -> list:
     return raw
 
 
-def _methods(raw: dict, ck: _Checker, registry, train: TrainSpec) -> list[MethodSpec]:
-    out, seen = [], {}
-    for i, item in enumerate(_items("methods", raw.get("methods"), ck)):
-        where = f"methods[{i}]"
+def _named_items(section: str, raw: dict, ck: _Checker, registry, keys: tuple[str, ...],
+                 what: str) -> Iterator[tuple[int, str, dict, str]]:
+    """The entries of the list section ``raw[section]`` that name a registered ``what``.
+
+    Each entry is a name or a mapping with 'name' and only ``keys``; yields (index, field
+    path, entry as a mapping, name) and reports the entries it skips. A generator, so the
+    caller's problems for an entry follow that entry's naming problems, in list order."""
+    for i, item in enumerate(_items(section, raw.get(section), ck)):
+        where = f"{section}[{i}]"
         item = {"name": item} if isinstance(item, str) else item
         if not isinstance(item, dict):
             ck.add(where, f"expected a mapping with at least 'name', got {describe(item)}")
             continue
-        ck.unknown_keys(where, item, METHOD_KEYS)
+        ck.unknown_keys(where, item, keys)
         name = item.get("name")
         if not isinstance(name, str):
-            ck.add(f"{where}.name", "required: a method name" if name is None
-                   else f"expected a method name, got {describe(name)}")
+            ck.add(f"{where}.name", f"required: a {what} name" if name is None
+                   else f"expected a {what} name, got {describe(name)}")
             continue
         if name not in registry.REGISTRY:
             ck.add(f"{where}.name", registry.REGISTRY.unknown_message(name))
             continue
+        yield i, where, item, name
+
+
+def _methods(raw: dict, ck: _Checker, registry, train: TrainSpec) -> list[MethodSpec]:
+    out, seen = [], {}
+    for i, where, item, name in _named_items("methods", raw, ck, registry, METHOD_KEYS, "method"):
         cls = registry.method_class(name)
         learned = cls.family == "learned"
         mid = item.get("id") or name
@@ -761,21 +290,8 @@ def _params(where: str, raw: Any, cls, ck: _Checker) -> dict[str, Any]:
 
 def _backbones(raw: dict, ck: _Checker, registry, method_ids: set[str]) -> list[BackboneSpec]:
     out, seen = [], {}
-    for i, item in enumerate(_items("backbones", raw.get("backbones"), ck)):
-        where = f"backbones[{i}]"
-        item = {"name": item} if isinstance(item, str) else item
-        if not isinstance(item, dict):
-            ck.add(where, f"expected a mapping with at least 'name', got {describe(item)}")
-            continue
-        ck.unknown_keys(where, item, BACKBONE_KEYS)
-        name = item.get("name")
-        if not isinstance(name, str):
-            ck.add(f"{where}.name", "required: a backbone name" if name is None
-                   else f"expected a backbone name, got {describe(name)}")
-            continue
-        if name not in registry.REGISTRY:
-            ck.add(f"{where}.name", registry.REGISTRY.unknown_message(name))
-            continue
+    for i, where, item, name in _named_items("backbones", raw, ck, registry, BACKBONE_KEYS,
+                                             "backbone"):
         if name in seen:
             ck.add(f"{where}.name", f"backbone '{name}' is listed twice (also backbones[{seen[name]}])")
         seen[name] = i

@@ -17,7 +17,6 @@ An interrupted sweep continues with ``--resume`` without redoing finished trials
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .paths import cache_dir
+from .paths import cache_dir, write_text_atomic
 from .sweep import check_sweep
 
 
@@ -242,9 +241,7 @@ def run_sweep(spec, resume: bool = False, console=None) -> dict:
     text = (f"# python -m harness run {spec_path}\n# best of sweep {name}: {sweep.metric} = "
             f"{rows[0][0]:.6g} ({sweep.mode}); trained head: {head_path}\n"
             + yaml.safe_dump(best_spec(spec, sweep, best_config), sort_keys=False))
-    tmp = spec_path.with_name(".best.yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, spec_path)
+    write_text_atomic(spec_path, text)
     tracker.log(parent, params={f"best.{k}": v for k, v in best_config.items()},
                 metrics={f"best_{sweep.metric}": rows[0][0], "trials": len(results),
                          "stopped_early": stopped})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .base import Explainer
-from .registry import REGISTRY
+from .registry import register
 
 
 def head_gradients(backbone, feats: torch.Tensor, targets: torch.Tensor,
@@ -38,8 +38,7 @@ def head_gradients(backbone, feats: torch.Tensor, targets: torch.Tensor,
     return grad
 
 
-@REGISTRY.register("gradcam", display_name="Grad-CAM", family="gradient",
-                   paper="Selvaraju et al., Grad-CAM, ICCV 2017")
+@register
 class GradCAM(Explainer):
     """Grad-CAM: ReLU of the feature maps weighted by their spatially averaged gradients.
 
@@ -50,7 +49,7 @@ class GradCAM(Explainer):
     name = "gradcam"
     display_name = "Grad-CAM"
     family = "gradient"
-    paper = "Selvaraju et al., ICCV 2017"
+    paper = "Selvaraju et al., Grad-CAM, ICCV 2017"
     variants = ("paper", "reference")
 
     def _saliency(self, images, feats, logits, targets):

@@ -15,18 +15,17 @@ import torch
 
 from .base import Explainer
 from .gradcam import head_gradients
-from .registry import REGISTRY
+from .registry import register
 
 
-@REGISTRY.register("gradcampp", display_name="Grad-CAM++", family="gradient",
-                   paper="Chattopadhay et al., Grad-CAM++, WACV 2018")
+@register
 class GradCAMPlusPlus(Explainer):
     """Grad-CAM++: pixel-wise weighted positive gradients (Eq. 19)."""
 
     name = "gradcampp"
     display_name = "Grad-CAM++"
     family = "gradient"
-    paper = "Chattopadhay et al., WACV 2018"
+    paper = "Chattopadhay et al., Grad-CAM++, WACV 2018"
     variants = ("paper", "reference")
 
     def _saliency(self, images, feats, logits, targets):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Explainer, ExplainerInputError, Param
-from .registry import REGISTRY
+from .registry import register
 
 PAPER_LAMBDAS = (0.01, 2.0, 1.5, 0.3)
 CE_ONLY_LAMBDAS = (0.0, 0.0, 1.5, 0.3)
@@ -139,7 +139,7 @@ class _LCAM(Explainer):
     """Shared inference for both L-CAM methods: one forward, the head, Eq. 9."""
 
     family = "learned"
-    paper = "Gkartzonika et al., L-CAM, 2022"
+    paper = "Gkartzonika, Gkalelis & Mezaris, L-CAM, 2022"
     variants = ("paper", "reference")
     mode = "fm"
     params = {"checkpoint": Param(str, None, "trained head (.pt); None = fresh head")}
@@ -163,8 +163,7 @@ class _LCAM(Explainer):
         return torch.einsum("bk,bkpq->bpq", w, feats) + conv.bias[targets][:, None, None]
 
 
-@REGISTRY.register("lcam_fm", display_name="L-CAM-Fm", family="learned",
-                   paper="Gkartzonika et al., L-CAM, ECCV-W 2022")
+@register
 class LCAMFm(_LCAM):
     """L-CAM-Fm: the head is trained with the CAM applied to the feature maps (Eq. 4)."""
 
@@ -173,8 +172,7 @@ class LCAMFm(_LCAM):
     mode = "fm"
 
 
-@REGISTRY.register("lcam_img", display_name="L-CAM-Img", family="learned",
-                   paper="Gkartzonika et al., L-CAM, ECCV-W 2022")
+@register
 class LCAMImg(_LCAM):
     """L-CAM-Img: the head is trained with the upsampled CAM applied to the image (Eq. 5)."""
 

@@ -12,8 +12,6 @@ Only the head's parameters are trained; the backbone never gets gradients.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -21,6 +19,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from harness.paths import atomic_write
 from .lcam import PAPER_LAMBDAS, AttentionHead, lcam_loss, training_forward
 
 
@@ -131,19 +130,10 @@ def run_epoch(backbone, head, loader: Iterable, cfg: TrainConfig, optimizer=None
 
 def save_head(path: str | Path, head: nn.Module, meta: dict) -> Path:
     """Write {'state_dict', 'meta'} atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = getattr(head, "module", head)        # unwrap DDP
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-                    "meta": meta}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    state = {"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+             "meta": meta}
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def head_meta(backbone, cfg: TrainConfig, **more) -> dict:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Explainer, Param
-from .registry import REGISTRY
+from .registry import register
 
 DEFAULT_MASKS = {"vgg16": 4000, "vgg16_7x7": 4000, "resnet50": 8000}
 
@@ -66,15 +66,14 @@ def mask_set(n_masks: int, cell: int, p1: float, size: tuple[int, int], seed: in
     return MaskSet(n_masks, cell, p1, size, seed)
 
 
-@REGISTRY.register("rise", display_name="RISE", family="perturbation",
-                   paper="Petsiuk et al., RISE, BMVC 2018")
+@register
 class RISE(Explainer):
     """RISE: the class probability of randomly masked copies, averaged over the masks."""
 
     name = "rise"
     display_name = "RISE"
     family = "perturbation"
-    paper = "Petsiuk et al., BMVC 2018"
+    paper = "Petsiuk et al., RISE, BMVC 2018"
     variants = ("paper", "reference")
     normalise_at = "input"
     params = {

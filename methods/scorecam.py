@@ -19,18 +19,17 @@ from __future__ import annotations
 import torch
 
 from .base import Explainer, Param, upsample
-from .registry import REGISTRY
+from .registry import register
 
 
-@REGISTRY.register("scorecam", display_name="Score-CAM", family="perturbation",
-                   paper="Wang et al., Score-CAM, CVPR-W 2020")
+@register
 class ScoreCAM(Explainer):
     """Score-CAM: feature maps weighted by the class score of the image they mask."""
 
     name = "scorecam"
     display_name = "Score-CAM"
     family = "perturbation"
-    paper = "Wang et al., CVPR-W 2020"
+    paper = "Wang et al., Score-CAM, CVPR-W 2020"
     variants = ("paper", "reference", "channel_softmax")
     params = {"batch_size": Param(int, 64, "masked images per forward")}
 

@@ -186,3 +186,16 @@ def test_paper_list_is_shipped_and_pinned():
 
 
 PAPER_LIST_HASH = "69e510cc608124e1"
+
+
+def test_a_training_set_is_not_decoded_up_front_and_skips_a_bad_image_when_read(tree):
+    bad = tree / "train" / "n02" / "n02_1.JPEG"
+    bad.write_bytes(bad.read_bytes()[:100])                                # corrupt
+    ds = build_dataset("imagenet", "train", 224, root=tree, train=True, on_bad_image="skip")
+    assert len(ds) == 3 and ds.skipped == 0                               # nothing decoded yet
+    with pytest.warns(UserWarning, match="n02_1.JPEG"):
+        _, label, image_id = ds[1]
+    assert (label, image_id) == (2, "n03/n03_2.JPEG")                     # the next good one
+    stop = build_dataset("imagenet", "train", 224, root=tree, train=True, on_bad_image="stop")
+    with pytest.raises(DataError, match="n02_1.JPEG"):
+        stop[1]

@@ -445,8 +445,8 @@ def data_args(root: Path, list_file: Path, mode: str, experiment: str) -> list[s
 
 def test_bad_images_skip_counts_and_stop_names_the_file(stores, tmp_path, ray_tmp):
     """skip: the run finishes on the 8 readable images (grayscale and CMYK converted), the 2
-    bad ones are counted in MLflow (``skipped_images``) and under the table. stop: exit 1 with
-    one line naming the missing file, or the truncated one, and no traceback."""
+    bad ones are counted in MLflow (``skipped_images``) and under the table. stop: exit 2
+    naming the missing file, or the truncated one, no traceback, no MLflow run created."""
     root, lines = bad_tree(tmp_path / "data")
     full = tmp_path / "list.txt"
     full.write_text("\n".join(lines) + "\n")
@@ -468,27 +468,26 @@ def test_bad_images_skip_counts_and_stop_names_the_file(stores, tmp_path, ray_tm
     assert children[0].data.metrics["skipped_images"] == 2
     assert children[0].data.metrics["images"] == len(lines) - 2
 
-    assert stop_missing.returncode == 1, out[-3000:] + err[-3000:]
+    assert stop_missing.returncode == 2, out[-3000:] + err[-3000:]
     assert "missing.png" in err and "Traceback" not in out + err, err
-    assert "--debug" in err
+    assert "nothing was started" in err
 
     stop_corrupt = stores.run(data_args(root, no_missing, "stop", "rel-stop-corrupt"), env)
-    assert stop_corrupt.returncode == 1, stop_corrupt.stdout[-3000:] + stop_corrupt.stderr[-3000:]
+    assert stop_corrupt.returncode == 2, stop_corrupt.stdout[-3000:] + stop_corrupt.stderr[-3000:]
     text = stop_corrupt.stdout + stop_corrupt.stderr
     assert "truncated.png" in stop_corrupt.stderr, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     for experiment in ("rel-stop-missing", "rel-stop-corrupt"):
-        parents, children = stores.runs(experiment)
-        assert all(r.info.status == "FAILED" for r in parents + children), experiment
+        exp = stores.client.get_experiment_by_name(experiment)
+        assert exp is None or not stores.client.search_runs([exp.experiment_id]), experiment
 
 
-def test_nothing_left_after_skipping_is_a_data_error(tmp_path, monkeypatch):
-    """When every listed image is bad, ``prepare`` stops with a DataError saying so (not a
+def test_nothing_left_after_skipping_is_refused(tmp_path, monkeypatch):
+    """When every listed image is bad, ``check_data`` refuses the run, saying so (not a
     KeyError from an empty table at aggregation)."""
     from rich.progress import Progress
 
-    from harness.data import DataError
-    from harness.runner import BenchmarkRun
+    from harness.runner import BenchmarkRun, InputRefused
     from harness.spec import load_spec
     root, lines = bad_tree(tmp_path / "data")
     bad_only = tmp_path / "list.txt"
@@ -496,8 +495,8 @@ def test_nothing_left_after_skipping_is_a_data_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(fresh_cache(tmp_path)))
     spec = load_spec(SMOKE, ["backbones=[tiny_vgg]", "methods=[gradcam]", f"data.root={root}",
                              f"data.list_file={bad_only}", "data.on_bad_image=skip"])
-    with pytest.raises(DataError, match="no images left"):
-        BenchmarkRun(spec).prepare(Progress(disable=True))
+    with pytest.raises(InputRefused, match="no images left"):
+        BenchmarkRun(spec).check_data(Progress(disable=True))
 
 
 # -- 5. numerics -------------------------------------------------------------------------------

@@ -348,11 +348,17 @@ def test_cli_run_calls_runner_and_reports_failures(tmp_path, monkeypatch, capsys
     calls = []
     fake = types.ModuleType("harness.runner")
 
+    class InputRefused(Exception):
+        pass
+
     def run_benchmark(spec):
         calls.append(spec)
         if spec.seed == 1:
             raise RuntimeError("shard 3 failed\nmore detail")
+        if spec.seed == 2:
+            raise InputRefused("list.txt:3: 'a.png' not found under /data/val")
     fake.run_benchmark = run_benchmark
+    fake.InputRefused = InputRefused
     monkeypatch.setitem(sys.modules, "harness.runner", fake)
     assert cli.main(["run", str(spec_path), "train.epochs=1"]) == 0
     assert calls[0].train.epochs == 1
@@ -361,8 +367,11 @@ def test_cli_run_calls_runner_and_reports_failures(tmp_path, monkeypatch, capsys
     assert "error: RuntimeError: shard 3 failed" in err and "Traceback" not in err
     assert cli.main(["run", str(spec_path), "seed=1", "--debug"]) == 1
     assert "Traceback" in capsys.readouterr().err
+    assert cli.main(["run", str(spec_path), "seed=2"]) == 2          # bad data, found first
+    err = capsys.readouterr().err
+    assert "a.png' not found" in err and "nothing was started" in err and "Traceback" not in err
     assert cli.main(["run", str(spec_path), "train.epochs=0"]) == 2
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 def test_cli_optional_commands(tmp_path, monkeypatch, capsys):
