@@ -34,8 +34,8 @@ from methods.lcam_train import TrainConfig
 from . import analysis, evaluation, localisation, table
 from .evaluation import ShardJob
 from .paths import cache_dir
-from .terminal import make_console
 from .protocol import PAPER, ProtocolPreset, fraction_key
+from .terminal import make_console
 from .tracking import Tracker, git_commit, package_versions
 from .training import TRAIN_VERSION, fit_heads, ray_env_defaults, train_config_dict, write_heads
 

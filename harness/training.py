@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from methods.lcam import AttentionHead
-from methods.lcam_train import TrainConfig, head_meta, make_optimizer, save_head, seed_epoch, train_step
+from methods.lcam_train import (TrainConfig, head_meta, make_optimizer, save_head, seed_epoch,
+                                train_step)
 
 TRAIN_VERSION = 2   # bumped whenever the same config trains different heads (cached heads redone)
 

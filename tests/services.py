@@ -6,6 +6,7 @@ would kill every Ray process on the machine).
 from __future__ import annotations
 
 import contextlib
+import shutil
 import os
 import signal
 import socket
@@ -37,6 +38,29 @@ def base_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
+
+
+def ensure_shared_inputs() -> None:
+    """The session's test cache holds the quickstart data and tiny_vgg (built if missing)."""
+    if (TEST_CACHE / "quickstart-v1").is_dir() and list((TEST_CACHE / "backbones").glob("tiny_vgg-*.pt")):
+        return
+    code = ("from harness.quickstart import ensure_quickstart; ensure_quickstart(); "
+            "import backbones; backbones.load('tiny_vgg', weights='embedded')")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=base_env(), check=True,
+                   timeout=900)
+
+
+def fresh_cache(where: Path, heads_from: Path | None = None) -> Path:
+    """A new cache dir sharing the test cache's data and backbones (symlinks), nothing else:
+    no shards, heads (unless copied from ``heads_from``), sweeps or Ray results."""
+    ensure_shared_inputs()
+    cache = where / "cache"
+    cache.mkdir(parents=True)
+    for name in ("quickstart-v1", "backbones"):
+        (cache / name).symlink_to(TEST_CACHE / name, target_is_directory=True)
+    if heads_from is not None:
+        shutil.copytree(heads_from / "heads", cache / "heads")
+    return cache
 
 
 def short_tmp(prefix: str) -> str:

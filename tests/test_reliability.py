@@ -41,7 +41,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from services import REPO, TEST_CACHE, base_env, short_tmp
+from services import REPO, TEST_CACHE, base_env, fresh_cache, short_tmp
 
 pytestmark = pytest.mark.slow
 
@@ -58,27 +58,6 @@ NOT_COMPARED = ("seconds_per_image",)   # wall time; every other metric must be 
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def ensure_shared_inputs() -> None:
-    """The session's test cache holds the quickstart data and tiny_vgg (built if missing)."""
-    if (TEST_CACHE / "quickstart-v1").is_dir() and list((TEST_CACHE / "backbones").glob("tiny_vgg-*.pt")):
-        return
-    code = ("from harness.quickstart import ensure_quickstart; ensure_quickstart(); "
-            "import backbones; backbones.load('tiny_vgg', weights='embedded')")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=base_env(), check=True,
-                   timeout=900)
-
-
-def fresh_cache(where: Path, heads_from: Path | None = None) -> Path:
-    """A new cache dir sharing the test cache's data and backbones (symlinks), no shards."""
-    cache = where / "cache"
-    cache.mkdir(parents=True)
-    for name in ("quickstart-v1", "backbones"):
-        (cache / name).symlink_to(TEST_CACHE / name, target_is_directory=True)
-    if heads_from is not None:
-        shutil.copytree(heads_from / "heads", cache / "heads")
-    return cache
-
-
 def harness_run(*extra: str) -> list[str]:
     return [sys.executable, "-m", "harness", "run", str(SMOKE), *OVERRIDES, *extra]
 
@@ -252,7 +231,6 @@ def kill_when(args: list[str], env: dict, log: Path, cwd: Path, ready, what: str
 # -- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    ensure_shared_inputs()
     return Stores(tmp_path_factory.mktemp("reliability"))
 
 

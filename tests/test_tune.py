@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from services import base_env, short_tmp
+from services import base_env, fresh_cache, short_tmp
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,9 @@ def tune_cmd(path: Path, *extra: str) -> list[str]:
 
 @pytest.fixture()
 def env(tmp_path):
+    """Each test its own cache (sweep state, heads, results) on the shared data and backbones."""
     return base_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                    RAY_TMPDIR=short_tmp("rayt"))
+                    RAY_TMPDIR=short_tmp("rayt"), HARNESS_CACHE_DIR=str(fresh_cache(tmp_path)))
 
 
 def trial_results(exp_dir: Path) -> dict[str, list[dict]]:
