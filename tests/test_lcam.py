@@ -72,16 +72,21 @@ def test_select_maps_picks_each_images_own_label():
     assert torch.allclose(sel, torch.tensor([[[0.1, 0.9]], [[0.2, 0.6]]], dtype=torch.float64))
 
 
+def assert_terms(t: dict, tv: float, av: float, ce: float) -> None:
+    """Each loss term equals its hand-computed value, and the loss the paper's weighted sum."""
+    assert float(t["tv"]) == pytest.approx(tv, rel=1e-9)
+    assert float(t["area"]) == pytest.approx(av, rel=1e-9)
+    assert float(t["ce"]) == pytest.approx(ce, rel=1e-9)
+    assert float(t["loss"]) == pytest.approx(0.01 * tv + 2 * av + 1.5 * ce, rel=1e-9)
+
+
 def test_lcam_loss_paper_variant_hand_computed():
     cams, labels, logits = _two_image_case()
     t = lcam_loss(cams, labels, logits, PAPER_LAMBDAS, "paper")
     tv = (0.8 ** 2 + 0.4 ** 2) / 2                                      # 0.4
     av = sum(v ** 0.3 for v in (0.1, 0.9, 0.2, 0.6)) / 4
     ce = (-math.log(3 / 4) + math.log(2)) / 2                           # p = 3/4 and 1/2
-    assert float(t["tv"]) == pytest.approx(tv, rel=1e-9)
-    assert float(t["area"]) == pytest.approx(av, rel=1e-9)
-    assert float(t["ce"]) == pytest.approx(ce, rel=1e-9)
-    assert float(t["loss"]) == pytest.approx(0.01 * tv + 2 * av + 1.5 * ce, rel=1e-9)
+    assert_terms(t, tv, av, ce)
 
 
 def test_lcam_loss_reference_variant_hand_computed():
@@ -96,11 +101,8 @@ def test_lcam_loss_reference_variant_hand_computed():
     tv = (diffs + 0.3 * border) / (2 * 2)
     av = sum((v + 0.0005) ** 0.3 for m in maps for v in m) / 8
     ce = (-math.log(3 / 4) + math.log(2)) / 2
-    assert float(t["tv"]) == pytest.approx(tv, rel=1e-9)
     assert float(t["tv"]) == pytest.approx(0.6995, rel=1e-9)
-    assert float(t["area"]) == pytest.approx(av, rel=1e-9)
-    assert float(t["ce"]) == pytest.approx(ce, rel=1e-9)
-    assert float(t["loss"]) == pytest.approx(0.01 * tv + 2 * av + 1.5 * ce, rel=1e-9)
+    assert_terms(t, tv, av, ce)
 
 
 def test_ce_only_lambdas_leave_only_the_cross_entropy():
