@@ -143,7 +143,9 @@ def run_shard(job: ShardJob) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - t0) / len(items)
-        scores = evaluator.evaluate(images, saliency)
+        # Y from the explainer's clean pass (one forward fewer), unless it ran in reduced precision
+        scores = evaluator.evaluate(images, saliency,
+                                    logits=None if job.autocast else explainer.last_logits)
         energy = localisation.energy_columns(dataset, job.indices[start:start + job.batch_size],
                                              saliency)
         for col in localisation.COLUMNS:

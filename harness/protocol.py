@@ -131,7 +131,8 @@ class Evaluator:
     """Scores saliency maps for a backbone: Y, and O at every kept fraction.
 
     ``evaluate(images, saliency, targets)`` scores given maps; ``evaluate_explainer``
-    runs the explainer first (targets default to the top-1 class on the clean image).
+    runs the explainer first (targets default to the top-1 class on the clean image) and
+    scores Y on the explainer's own clean pass (``last_logits``) instead of a second one.
     """
 
     def __init__(self, backbone, fractions: Sequence[float] = PAPER_FRACTIONS,
@@ -142,7 +143,10 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, saliency: torch.Tensor,
-                 targets: torch.Tensor | None = None) -> BatchScores:
+                 targets: torch.Tensor | None = None,
+                 logits: torch.Tensor | None = None) -> BatchScores:
+        """Y and O for each image. ``logits``: the backbone's float32 output on these very
+        ``images`` when the caller has it (an explainer's clean pass), else computed here."""
         bb = self.backbone
         images = images.to(bb.device)
         saliency = saliency.to(images.device, torch.float32)
@@ -155,7 +159,7 @@ class Evaluator:
         # Non-finite maps are never passed on: they count as degenerate (all zeros).
         saliency = torch.where(degenerate[:, None, None], torch.zeros_like(saliency),
                                saliency.nan_to_num(0.0).clamp(0, 1))
-        logits = bb(images)
+        logits = bb(images) if logits is None else logits.to(images.device, torch.float32)
         if targets is None:
             targets = logits.argmax(1)
         targets = targets.to(images.device)
@@ -167,7 +171,7 @@ class Evaluator:
     def evaluate_explainer(self, explainer, images: torch.Tensor,
                            targets: torch.Tensor | None = None) -> BatchScores:
         saliency = explainer.explain(images, targets)
-        scores = self.evaluate(images, saliency, targets)
+        scores = self.evaluate(images, saliency, targets, getattr(explainer, "last_logits", None))
         scores.degenerate |= getattr(explainer, "last_degenerate", torch.zeros_like(scores.degenerate))
         return scores
 

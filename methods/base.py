@@ -122,6 +122,7 @@ class Explainer:
         self.last_degenerate = torch.zeros(0, dtype=torch.bool)
         self._graph = None             # (A leaf, logits with graph) during a gradient explain
         self.last_forward_passes: float | None = None
+        self.last_logits: torch.Tensor | None = None   # the clean pass of the last explain
         self.setup()
 
     # -- hooks for subclasses -------------------------------------------------------------
@@ -193,6 +194,7 @@ class Explainer:
         else:
             with torch.no_grad():
                 logits = self.backbone.head(feats)
+        self.last_logits = logits
         targets = logits.argmax(1) if targets is None else targets.to(images.device)
         self.last_forward_passes = None
         try:

@@ -290,3 +290,19 @@ def test_evaluate_explainer_merges_the_explainers_degenerate_flags(tiny_backbone
     res = Evaluator(tiny_backbone).evaluate_explainer(Fake(), x, torch.tensor([0, 2]))
     assert res.degenerate.tolist() == [False, True]
     assert res.targets.tolist() == [0, 2]
+
+
+def test_evaluate_explainer_scores_y_on_the_explainers_clean_pass(tiny_backbone, make_images,
+                                                                   helpers):
+    """Same numbers as a fresh clean pass, one backbone pass fewer per image: explain (1) +
+    the masked images (one per fraction), no second clean pass."""
+    import methods
+    x = make_images(3, 16, 16, seed=9)
+    explainer = methods.create("gradcam", tiny_backbone)
+    ev = Evaluator(tiny_backbone)
+    with helpers.RowCounter(tiny_backbone.body) as rows:
+        reused = ev.evaluate_explainer(explainer, x)
+    assert rows.rows == 3 * (1 + len(ev.fractions))
+    fresh = ev.evaluate(x, explainer.explain(x))
+    for k in ("targets", "y", "o", "degenerate"):
+        assert torch.equal(getattr(reused, k), getattr(fresh, k)), k
