@@ -51,7 +51,7 @@ def _counts(spec) -> str:
 
 # -- built-in commands ------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
-    from harness.spec import SpecError, load_spec
+    from harness.spec import SpecError, load_spec  # every file's problems, then exit 2
     specs, overrides = _split_targets(args.targets)
     if not specs:
         print("error: validate needs a spec file (e.g. jobs/quickstart.yaml)", file=sys.stderr)
@@ -73,25 +73,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.spec import SpecError, load_spec
+    from harness.errors import UserError
+    from harness.ray_runtime import prepare_environment
+    from harness.spec import load_spec
     specs, overrides = _split_targets([args.spec, *args.overrides])
     if len(specs) != 1:
-        print(f"error: run takes one spec file, got {len(specs)}: {' '.join(specs)}",
-              file=sys.stderr)
-        return 2
-    try:
-        spec = load_spec(specs[0], overrides)
-    except SpecError as err:
-        print(err.format(), file=sys.stderr)
-        return 2
-    from harness.runner import InputRefused, run_benchmark  # Ray, MLflow: once the spec is valid
-    try:
-        result = run_benchmark(spec)
-    except InputRefused as err:
-        print(f"error: {err}", file=sys.stderr)
-        print("nothing was started: fix the data or set data.on_bad_image: skip", file=sys.stderr)
-        return 2
-    return result if isinstance(result, int) else 0
+        raise UserError(f"run takes one spec file, got {len(specs)}: {' '.join(specs)}")
+    spec = load_spec(specs[0], overrides)
+    prepare_environment(spec.ray.address)            # before anything imports ray
+    from harness.runner import run_benchmark         # Ray, MLflow: once the spec is valid
+    run_benchmark(spec)
+    return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -232,12 +224,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(command, debug)
     args = parser.parse_args([a for a in argv if a != "--debug"])
     args.debug = debug
+    from harness.errors import UserError
     from harness.spec import SpecError
     try:
         return int(args.func(args) or 0)
-    except SpecError as err:          # e.g. an optional command that loads specs itself
+    except SpecError as err:          # every problem of the spec, one a line
         print(err.format(), file=sys.stderr)
-        return 2
+        return err.exit_code
+    except UserError as err:          # a bad input, option or location: nothing was started
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except BrokenPipeError:           # e.g. piped into head
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

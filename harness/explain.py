@@ -22,18 +22,18 @@ weights or parameters, a class index out of range), with one line naming the pro
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .errors import UserError
 from .paths import write_text_atomic
 
 DEFAULT_OUT = "explanations"
 
 
-class InputProblem(Exception):
+class InputProblem(UserError):
     """Bad command-line input: exit 2."""
 
 
@@ -174,11 +174,7 @@ def run(args) -> list[dict]:
 
 
 def main(args) -> int:
-    try:
-        records = run(args)
-    except InputProblem as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    records = run(args)
     for r in records:
         names = ", ".join(f"{n or c} ({p:.3f})" for c, n, p in
                           zip(r["classes"], r["class_names"], r["probabilities"]))

@@ -1,7 +1,13 @@
 """Where the harness keeps what it generates (data, weights, heads, shards, Ray results).
 
-``HARNESS_CACHE_DIR`` if set, else ``.harness-cache`` in the working directory (ignored by
-git). Everything under it is reproducible from the code and the spec, and reused.
+The spec's ``storage.uri`` if given (``use_storage`` applies it), else ``HARNESS_CACHE_DIR``
+if set, else ``.harness-cache`` in the working directory (ignored by git). Everything under
+it is reproducible from the code and the spec, and reused.
+
+Under ``ray job submit --working-dir .`` the job's working directory is Ray's temporary copy
+of the project (``.../runtime_resources/working_dir_files/_ray_pkg_<hash>``), deleted with the
+job: a default relative to it would lose every result and recompute everything on the next
+submit. ``check_persistent`` refuses such defaults (exit 2) and says what to set instead.
 """
 from __future__ import annotations
 
@@ -10,12 +16,56 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .errors import UserError
+
 DEFAULT_CACHE = ".harness-cache"
+CACHE_ENV = "HARNESS_CACHE_DIR"
+
+
+class LocationError(UserError):
+    """Results would be written where they do not outlive the process (see the module doc)."""
+
+
+def inside_ray_job() -> bool:
+    """True in the driver of a ``ray job submit`` job (Ray sets this variable for it)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def use_storage(uri: str | os.PathLike | None) -> None:
+    """Make ``uri`` (the spec's ``storage.uri``; None = keep the default) the cache root of
+    this process and of the Ray workers it starts."""
+    if uri is not None:
+        os.environ[CACHE_ENV] = str(Path(uri).expanduser().resolve())
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_persistent(tracking_uri: str) -> None:
+    """Inside a Ray job, refuse a cache or MLflow store inside Ray's temporary working
+    directory (where the defaults, and any relative path, would put them)."""
+    if not inside_ray_job():
+        return
+    cwd, missing = Path.cwd().resolve(), []
+    if _inside(Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().resolve(), cwd):
+        missing.append(f"storage.uri=/absolute/path/to/cache (or {CACHE_ENV})")
+    local_store = tracking_uri.split(":///", 1)[1] if tracking_uri.startswith(
+        ("sqlite:///", "file:///")) else (tracking_uri if "://" not in tracking_uri else None)
+    if local_store is not None and _inside(Path(local_store).expanduser().resolve(), cwd):
+        missing.append("tracking.uri=http://<mlflow server>:5000 (or MLFLOW_TRACKING_URI)")
+    if missing:
+        raise LocationError(
+            f"running as a Ray job: the working directory {cwd} is Ray's temporary copy of "
+            "the project and is deleted with the job, so a cache or MLflow store there would "
+            "be lost (and every submit would recompute everything). Set "
+            + " and ".join(missing) + ", e.g. as key=value overrides after the spec "
+            "(see the README's 'On a Ray cluster').")
 
 
 def cache_dir() -> Path:
     """The absolute cache root (created on first use)."""
-    root = Path(os.environ.get("HARNESS_CACHE_DIR") or DEFAULT_CACHE).expanduser().resolve()
+    root = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import table
+from .errors import UserError
 from .paths import atomic_write, write_text_atomic
 
 IDENTITY = ("backbone", "display_name", "method", "method_id", "variant", "weights_id", "status",
@@ -46,7 +47,7 @@ ROW_KEYS = {"display_name": "method", "method": "method_key"}   # CSV column -> 
 EXTRA_ORDER = ("FW_measured", "seconds_per_image", "degenerate_maps", "images")
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """A usage problem (unknown experiment/run, nothing to report): exit 2."""
 
 
@@ -285,9 +286,5 @@ def report(experiment: str | None = None, run_id: str | None = None, out: str | 
 
 
 def main(args) -> int:
-    try:
-        report(args.experiment, args.run, args.out, log=not args.no_log)
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report(args.experiment, args.run, args.out, log=not args.no_log)
     return 0

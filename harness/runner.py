@@ -33,11 +33,14 @@ from methods.lcam_train import TrainConfig
 
 from . import analysis, evaluation, localisation, table
 from .evaluation import ShardJob
-from .paths import cache_dir
+from . import ray_runtime
+from .errors import UserError
+from .paths import cache_dir, check_persistent, use_storage
+from .ray_runtime import cluster_address
 from .protocol import PAPER, ProtocolPreset, fraction_key
 from .terminal import make_console
-from .tracking import Tracker, git_commit, package_versions
-from .training import TRAIN_VERSION, fit_heads, ray_env_defaults, train_config_dict, write_heads
+from .tracking import Tracker, git_commit, package_versions, tracking_uri
+from .training import TRAIN_VERSION, fit_heads, train_config_dict, write_heads
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +89,7 @@ def preset_of(spec) -> ProtocolPreset:
 DEFAULT_INPUT_SIZE = (224, 224)     # torchvision classifiers; entries may say otherwise
 
 
-class InputRefused(Exception):
+class InputRefused(UserError):
     """Bad input found before the run started anything (the CLI exits with code 2)."""
 
 
@@ -102,20 +105,30 @@ def data_kwargs(spec, split: str, input_size, train: bool) -> dict:
             "on_bad_image": d.on_bad_image, "train": train}
 
 
-def init_ray(spec) -> None:
-    import ray
-    if ray.is_initialized():
-        return
-    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return
+def worker_env() -> dict[str, str]:
+    """Environment every Ray worker of this run needs: the cache root (made absolute), the
+    MLflow variables, thread settings and, on a local Ray, this checkout on ``PYTHONPATH``."""
     env = {k: v for k, v in os.environ.items()
            if k.startswith(("HARNESS_", "MLFLOW_", "RAY_TRAIN_", "OMP_"))}
     env["HARNESS_CACHE_DIR"] = str(cache_dir())
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": env})
+    return env
+
+
+def init_ray(spec) -> None:
+    """Start or join Ray for this spec (``harness.ray_runtime``) with ``worker_env``."""
+    env = worker_env()
+    if cluster_address(spec.ray.address) is None:     # a job's workers have its working_dir
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                          os.environ.get("PYTHONPATH")]))
+    ray_runtime.init_ray(spec.ray.address, spec.ray.num_cpus, env)
+
+
+def prepare_locations(spec) -> str:
+    """Apply the spec's storage, refuse temporary locations under a Ray job; the MLflow URI."""
+    use_storage(spec.storage.uri)
+    uri = spec.tracking.uri or tracking_uri()
+    check_persistent(uri)
+    return uri
 
 
 class BenchmarkRun:
@@ -124,7 +137,7 @@ class BenchmarkRun:
     def __init__(self, spec, console: Console | None = None):
         self.spec = spec
         self.console = console or make_console()
-        self.cache = cache_dir()
+        self.cache = Path()             # set by run(), once the spec's storage is applied
         self.fractions = tuple(spec.evaluation.keep_fractions)
         self.preset = preset_of(spec)
         self.cells = [Cell(b, m) for b, m in spec.pairs()]
@@ -160,7 +173,8 @@ class BenchmarkRun:
                                     else f"no images to evaluate for {b.name}")
                 self.eval_sets[b.name] = (kw, ds, ds.list_hash)
         except DataError as err:
-            raise InputRefused(str(err)) from None
+            raise InputRefused(f"{err}\nnothing was started: fix the data or set "
+                               "data.on_bad_image: skip") from None
 
     # -- 2: backbones ---------------------------------------------------------------------
     def prepare(self, progress: Progress) -> None:
@@ -341,15 +355,16 @@ class BenchmarkRun:
 
     # -- the whole run ----------------------------------------------------------------------
     def run(self) -> dict:
-        ray_env_defaults()
         s = self.spec
+        uri = prepare_locations(s)
+        self.cache = cache_dir()
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), console=self.console, transient=False)
         with progress:
             self.check_data(progress)
         for task in progress.task_ids:      # shown once: the bars below start afresh
             progress.remove_task(task)
-        tracker = Tracker(s.tracking.experiment or s.name)
+        tracker = Tracker(s.tracking.experiment or s.name, uri)
         self.spec_file = self.cache / "specs" / f"{s.name}-{s.fingerprint()}.yaml"
         self.spec_file.parent.mkdir(parents=True, exist_ok=True)
         self.spec_file.write_text(yaml.safe_dump(s.to_dict(), sort_keys=False))
@@ -363,7 +378,9 @@ class BenchmarkRun:
                 for cell in self.cells:
                     bb = self.loaded[cell.backbone.name]
                     m = cell.method
-                    cell.run_id = tracker.child_run(parent_id, cell.key, f"{bb.name} {m.display_name}", {
+                    # "<backbone> <NN> <method>": sorted by name, the spec's (= Table 1's) rows
+                    name = f"{bb.name} {s.methods.index(m) + 1:02d} {m.display_name}"
+                    cell.run_id = tracker.child_run(parent_id, cell.key, name, {
                         **common, "backbone": bb.name, "method": m.name, "method_id": m.id,
                         "display_name": m.display_name, "variant": str(m.variant),
                         "weights_id": bb.weights_id, "feature_layer": bb.feature_layer,
@@ -396,8 +413,9 @@ class BenchmarkRun:
                 "failed": [c.key for c in failed]}
 
     def print_tables(self, tracker: Tracker, parent_id: str) -> None:
+        """The run's Table 1 per backbone in the terminal; the same tables (Markdown, CSV) and
+        the AD/IC-vs-#FW plots as artifacts of the parent run (``harness.report``)."""
         cols = table.metric_columns([fraction_key(f) for f in self.fractions])
-        md = []
         for b in self.spec.backbones:
             rows = [{"method": c.method.display_name, **c.metrics} for c in self.cells
                     if c.backbone is b and c.metrics]
@@ -405,21 +423,21 @@ class BenchmarkRun:
                 continue
             title = f"{b.name} ({self.loaded[b.name].weights_id}), {rows[0].get('images', 0):.0f} images"
             self.console.print(table.rich_table(title, rows, cols))
-            md.append(f"### {title}\n\n" + table.markdown_table(rows, cols))
             bad = self.eval_sets[b.name][1].bad
             if bad:    # data.on_bad_image: skip
                 note = (f"{len(bad)} image{'s' if len(bad) > 1 else ''} skipped "
                         "(data.on_bad_image: skip): " + "; ".join(r for _, r in bad[:5])
                         + ("; ..." if len(bad) > 5 else ""))
                 self.console.print(note, markup=False, highlight=False, soft_wrap=True)
-                md.append(note + "\n")
-        if md:
-            out = self.cache / "reports" / f"{self.spec.name}-table.md"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("\n".join(md))
-            tracker.artifact(parent_id, out)
+        if any(c.metrics for c in self.cells):
+            from . import report
+            data = report.collect(tracker.client, tracker.client.get_run(parent_id))
+            for path in report.write_report(data, self.cache / "reports" / parent_id):
+                tracker.artifact(parent_id, path, "report")
+            tracker.publish_view(cols)
         self.console.print(f"MLflow: {tracker.uri} (experiment "
                            f"'{self.spec.tracking.experiment or self.spec.name}', run {parent_id})")
+        self.console.print(f"MLflow UI: {tracker.ui_link()}")
 
 
 def run_benchmark(spec, console: Console | None = None) -> dict:

@@ -46,11 +46,11 @@ from typing import Any, Callable, Iterable, Iterator
 from harness.registry import did_you_mean
 from harness.spec_fields import (
     _ALIASES, _BAD, BACKBONE_KEYS, BUILTIN_LISTS, DATA_FIELDS, EVAL_FIELDS, METHOD_KEYS,
-    PRESET_FIELDS, RAY_FIELDS, SAFE_ID, SAFE_NAME, SAFE_TAG, SHARD_FIELDS, TOP_FIELDS,
+    PRESET_FIELDS, RAY_FIELDS, SAFE_ID, SAFE_NAME, SAFE_TAG, SHARD_FIELDS, STORAGE_FIELDS, TOP_FIELDS,
     TRACKING_FIELDS, TRAIN_FIELDS, _Checker, _F, _join, describe)
 from harness.spec_model import (
     SCHEMA_VERSION, BackboneSpec, DataSpec, EvalSpec, MethodSpec, RaySpec, ShardSpec, Spec,
-    SpecError, TrackingSpec, TrainSpec)
+    SpecError, StorageSpec, TrackingSpec, TrainSpec)
 from harness.spec_yaml import _apply_overrides, _parse_yaml
 
 __all__ = [
@@ -142,12 +142,15 @@ def _build(raw: dict, ck: _Checker, path: Path) -> Spec:
     sharding = ShardSpec(**ck.section("sharding", raw.get("sharding"), SHARD_FIELDS))
     tracking = _tracking(raw.get("tracking"), ck)
     ray = RaySpec(**ck.section("ray", raw.get("ray"), RAY_FIELDS))
+    storage = StorageSpec(**ck.section("storage", raw.get("storage"), STORAGE_FIELDS))
+    if storage.uri is not None:
+        storage.uri = str(ck.path("storage.uri", storage.uri))
     if ray.address is not None and ray.num_cpus is not None:
         ck.add("ray.num_cpus", "conflicts with ray.address: num_cpus sizes a local Ray only "
                "(a cluster has its own resources); remove one")
     spec = Spec(SCHEMA_VERSION, name if isinstance(name, str) else "spec",
                 seed if seed is not _BAD else 0, backbone_specs, data, method_specs, train,
-                evaluation, sharding, tracking, ray)
+                evaluation, sharding, tracking, ray, storage)
     _check_data(spec, ck)
     _check_gpu(spec, raw, ck)
     if tracking.experiment is None:
@@ -389,7 +392,7 @@ def _tracking(raw: Any, ck: _Checker) -> TrackingSpec:
             ck.add(where, f"tag values are strings, got {describe(v)}; quote it: '{v}'")
         else:
             good[k] = v
-    return TrackingSpec(out["experiment"], good)
+    return TrackingSpec(out["experiment"], out["uri"], good)
 
 
 def _check_data(spec: Spec, ck: _Checker) -> None:

@@ -60,11 +60,13 @@ PRESET_FIELDS = {"soft": _F("bool", True), "fill": _F("choice", "black", choices
 SHARD_FIELDS = {"images_per_task": _F("int", 50, lo=1),
                 "cpus_per_task": _F("float", 1.0, lo=0, lo_open=True),
                 "gpus_per_task": _F("float", 0.0, lo=0), "max_retries": _F("int", 3, lo=0)}
-TRACKING_FIELDS = {"experiment": _F("str", None, nullable=True), "tags": None}
+TRACKING_FIELDS = {"experiment": _F("str", None, nullable=True),
+                   "uri": _F("str", None, nullable=True), "tags": None}
+STORAGE_FIELDS = {"uri": _F("str", None, nullable=True)}
 RAY_FIELDS = {"address": _F("str", None, nullable=True),
               "num_cpus": _F("int", None, lo=1, nullable=True)}
 TOP_FIELDS = ("schema", "name", "seed", "backbones", "data", "methods", "train", "evaluation",
-              "sharding", "tracking", "ray")
+              "sharding", "tracking", "storage", "ray")
 BACKBONE_KEYS = ("name", "weights", "train", "methods")
 METHOD_KEYS = ("name", "id", "display_name", "variant", "params", "checkpoint", "train")
 _ALIASES = {"metrics": "evaluation", "dataset": "data", "eval": "evaluation", "mlflow": "tracking",

@@ -12,10 +12,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.errors import UserError
+
 SCHEMA_VERSION = 1
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """An invalid spec: ``path`` (as given), ``problems`` [(field_path, message)], ``format()``."""
 
     def __init__(self, path: str, problems: list[tuple[str, str]]):
@@ -141,10 +143,20 @@ class ShardSpec:
 
 @dataclass
 class TrackingSpec:
-    """MLflow experiment name (default: the spec name) and extra tags."""
+    """MLflow: experiment name (default: the spec name), store ``uri`` (default:
+    ``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``) and extra tags."""
 
     experiment: str | None = None
+    uri: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StorageSpec:
+    """Where generated data, weights, heads, shards and Ray results go: ``uri`` a folder
+    (default: ``HARNESS_CACHE_DIR``, else ``./.harness-cache``)."""
+
+    uri: str | None = None
 
 
 @dataclass
@@ -170,6 +182,7 @@ class Spec:
     sharding: ShardSpec
     tracking: TrackingSpec
     ray: RaySpec
+    storage: StorageSpec = field(default_factory=StorageSpec)
     path: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)   # extra sections (e.g. ``sweep``)
 
@@ -198,10 +211,10 @@ class Spec:
         return out
 
     def fingerprint(self) -> str:
-        """A stable hash of the resolved spec, excluding ``tracking`` and ``ray`` (where the
-        results are recorded and computed, not what they are)."""
+        """A stable hash of the resolved spec, excluding ``tracking``, ``storage`` and ``ray``
+        (where the results are recorded, kept and computed, not what they are)."""
         data = self.to_dict()
-        data.pop("tracking")
-        data.pop("ray")
+        for key in ("tracking", "storage", "ray"):
+            data.pop(key)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -44,9 +44,14 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 
 def _parse_yaml(text: str) -> tuple[Any, list[tuple[str, str]]]:
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)       # the reader refuses control characters (a NUL byte) here
+    except yaml.reader.ReaderError as err:
+        return None, [_reader_problem(text, err)]
     try:
         data = loader.get_single_data()
+    except yaml.reader.ReaderError as err:
+        return None, [_reader_problem(text, err)]
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -58,6 +63,16 @@ def _parse_yaml(text: str) -> tuple[Any, list[tuple[str, str]]]:
     return data, [(f"line {line}", f"key '{key}' is repeated (first at line {first}); YAML would "
                    "silently keep only the last one. Remove one of them.")
                   for line, key, first in loader.duplicates]
+
+
+def _reader_problem(text: str, err: yaml.reader.ReaderError) -> tuple[str, str]:
+    """A character YAML does not allow (a NUL byte, another control character)."""
+    before = text[:max(0, err.position)]
+    line, column = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+    char = err.character if isinstance(err.character, int) else ord(str(err.character)[:1] or "?")
+    return (f"line {line}, column {column}",
+            f"not valid YAML: control character #x{char:04x} is not allowed in a spec file "
+            "(is it a binary file, or was it saved with the wrong encoding?)")
 
 
 def _apply_overrides(raw: dict, overrides: Iterable[str], ck: _Checker) -> None:

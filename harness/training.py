@@ -214,13 +214,3 @@ def train_config_dict(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     d["lambdas"] = list(cfg.lambdas)
     return d
-
-
-def ray_env_defaults() -> None:
-    """Environment that keeps Ray quiet and local-only (stack-notes.md)."""
-    for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                       "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
-                       "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}.items():
-        os.environ.setdefault(key, value)

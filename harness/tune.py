@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
+from .errors import UserError
 from .paths import cache_dir, write_text_atomic
 from .sweep import check_sweep
+
+
+class SweepExists(UserError):
+    """A sweep of this spec was started before and ``--resume`` was not given."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,32 +160,33 @@ def best_spec(spec, sweep, config: dict) -> dict:
 
 def run_sweep(spec, resume: bool = False, console=None) -> dict:
     """Run (or resume) the sweep; returns the best config, metric and written paths."""
+    from .ray_runtime import prepare_environment
+    from .runner import init_ray, prepare_locations
+    uri = prepare_locations(spec)
+    prepare_environment(spec.ray.address)        # before ray is imported
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from .terminal import make_console
     from rich.table import Table
 
-    from .runner import init_ray
+    from .terminal import make_console
     from .tracking import Tracker, git_commit, package_versions
-    from .training import ray_env_defaults
 
     console = console or make_console()
-    ray_env_defaults()
     sweep = spec.extras["sweep"]
     name = f"{spec.name}-{spec.fingerprint()}"
     storage = cache_dir() / "tune"
     exp_dir = storage / name
     if exp_dir.exists() and not resume:
-        raise FileExistsError(f"a sweep of this spec already exists at {exp_dir}: pass --resume "
+        raise SweepExists(f"a sweep of this spec already exists at {exp_dir}: pass --resume "
                               "to continue it, or delete that folder to start over")
     base = _base(spec, sweep)
     max_t = max([base["train"]["epochs"]] + [int(v) for d in sweep.space.get("epochs", {}).values()
                                              for v in d])
-    tracker = Tracker(spec.tracking.experiment or spec.name)
+    tracker = Tracker(spec.tracking.experiment or spec.name, uri)
     parent = tracker.parent_run(f"sweep {spec.name}", spec.fingerprint(), {
         "git_commit": git_commit(), **package_versions(), "harness_kind": "sweep",
-        "backbone": sweep.backbone, "method_id": sweep.method})
+        "backbone": sweep.backbone, "method_id": sweep.method}, role="sweep")
     init_ray(spec)
     trainable = tune.with_resources(tune.with_parameters(trial, base=base),
                                     {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
@@ -256,15 +261,7 @@ def run_sweep(spec, resume: bool = False, console=None) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .spec import SpecError, load_spec
-    try:
-        spec = load_spec(args.spec, args.overrides, sections={"sweep": check_sweep})
-    except SpecError as err:
-        print(err.format(), file=sys.stderr)
-        return 2
-    try:
-        run_sweep(spec, resume=args.resume)
-    except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from .spec import load_spec
+    spec = load_spec(args.spec, args.overrides, sections={"sweep": check_sweep})
+    run_sweep(spec, resume=args.resume)
     return 0

@@ -1,7 +1,9 @@
-"""Real services for end-to-end tests: an MLflow server and a Ray head on 127.0.0.1.
+"""What end-to-end tests need to run commands as a user does.
 
-Each is started as a child process and stopped by its own PID (never ``ray stop``, which
-would kill every Ray process on the machine).
+- ``user_env``: a plain shell's environment (fresh HOME, only the README's variables);
+- ``workspace``: a fresh copy of the project (its tracked files) to run commands in, its
+  default cache already holding the shared generated inputs (data set, embedded backbones);
+- ``mlflow_server``: a real MLflow server on 127.0.0.1, stopped by its own PID.
 """
 from __future__ import annotations
 
@@ -28,14 +30,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def base_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                "RAY_AUTH_MODE": "token", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONUNBUFFERED": "1",
-                "HARNESS_CACHE_DIR": str(TEST_CACHE)})
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+#: The variables the README tells users to set, the only ones a test may add to a user's
+#: shell (``test_user_commands.test_documented_variables_are_in_the_readme`` checks the README).
+DOCUMENTED = ("HARNESS_CACHE_DIR", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE",
+              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TMPDIR")
+#: Fault injection for the reliability tests (inert unless set; see their docstrings).
+TEST_HOOKS = ("HARNESS_TEST_KILL_SHARD", "HARNESS_TEST_KILL_TRAIN")
+SHELL = ("PATH", "LANG", "LC_ALL", "TZ", "TERM", "USER", "LOGNAME", "SHELL")
+
+
+def user_env(home: str | Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a user's plain shell: PATH, locale, a fresh HOME (no Ray token, no
+    configuration) and only the README's documented variables given in ``extra``."""
+    unknown = sorted(set(extra) - set(DOCUMENTED) - set(TEST_HOOKS))
+    assert not unknown, f"not a documented variable: {unknown}"
+    env = {k: os.environ[k] for k in SHELL if k in os.environ}
+    env["HOME"] = str(home or tempfile.mkdtemp(prefix="home-", dir="/tmp"))
     env.update(extra)
     return env
 
@@ -46,8 +56,8 @@ def ensure_shared_inputs() -> None:
         return
     code = ("from harness.quickstart import ensure_quickstart; ensure_quickstart(); "
             "import backbones; backbones.load('tiny_vgg', weights='embedded')")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=base_env(), check=True,
-                   timeout=900)
+    subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                   env=user_env(HARNESS_CACHE_DIR=str(TEST_CACHE)), check=True, timeout=900)
 
 
 def fresh_cache(where: Path, heads_from: Path | None = None) -> Path:
@@ -61,6 +71,25 @@ def fresh_cache(where: Path, heads_from: Path | None = None) -> Path:
     if heads_from is not None:
         shutil.copytree(heads_from / "heads", cache / "heads")
     return cache
+
+
+def workspace(where: Path) -> Path:
+    """A fresh copy of the project in ``where`` (tracked and unignored files, as a clone has),
+    whose default cache ``.harness-cache`` links the shared inputs (built once per session)."""
+    ensure_shared_inputs()
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    root = where / "project"
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / name)
+    cache = root / ".harness-cache"
+    cache.mkdir()
+    for name in ("quickstart-v1", "backbones"):
+        (cache / name).symlink_to(TEST_CACHE / name, target_is_directory=True)
+    return root
 
 
 def short_tmp(prefix: str) -> str:
@@ -108,7 +137,7 @@ def mlflow_server(workdir: Path):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
          "--artifacts-destination", str(workdir / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=base_env(), start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, env=user_env(), start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_until_answering(f"{uri}/health", proc, workdir / "mlflow-server.log",
@@ -116,25 +145,4 @@ def mlflow_server(workdir: Path):
         yield uri
     finally:
         _stop(proc)
-        log.close()
-
-
-@contextlib.contextmanager
-def ray_head(env: dict[str, str], num_cpus: int = 2):
-    """Yield the dashboard address of a Ray head started with ``ray start --block``."""
-    port, dash = free_port(), free_port()
-    tmp = short_tmp("rayh")
-    log = open(Path(tmp) / "head.log", "w")
-    proc = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={tmp}"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        wait_until_answering(f"{address}/api/version", proc, Path(tmp) / "head.log",
-                             "Ray head", 90)
-        yield address
-    finally:
-        _stop(proc, timeout=30)
         log.close()

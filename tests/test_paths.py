@@ -1,4 +1,7 @@
-"""atomic_write: readers see the old file or the whole new one, and nothing is left behind."""
+"""atomic_write (readers see the old file or the whole new one, nothing left behind) and
+where results go (the cache root; locations that outlive a Ray job)."""
+import os
+
 import pytest
 
 from harness.paths import atomic_write, write_text_atomic
@@ -31,3 +34,32 @@ def test_the_temporary_is_hidden_and_does_not_match_the_targets_pattern(tmp_path
     atomic_write(tmp_path / "shard-00000.parquet", write)
     assert seen[0].name.startswith(".shard-00000.parquet.") and seen[0].suffix == ".tmp"
     assert seen[0].parent == tmp_path
+
+
+# -- locations that outlive a Ray job -----------------------------------------------------------
+def test_defaults_inside_a_ray_job_are_refused_naming_what_to_set(tmp_path, monkeypatch):
+    from harness.paths import LocationError, check_persistent
+    monkeypatch.chdir(tmp_path)                      # as Ray's temporary copy of the project
+    monkeypatch.delenv("HARNESS_CACHE_DIR", raising=False)
+    check_persistent(f"sqlite:///{tmp_path / 'mlflow.db'}")      # not a job: the defaults are fine
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(LocationError) as err:
+        check_persistent(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "storage.uri=" in str(err.value) and "tracking.uri=" in str(err.value)
+    monkeypatch.setenv("HARNESS_CACHE_DIR", "relative/cache")   # still inside the copy
+    with pytest.raises(LocationError, match="storage.uri="):
+        check_persistent("http://127.0.0.1:5000")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path.parent / "lasting"))
+    check_persistent("http://127.0.0.1:5000")
+    with pytest.raises(LocationError, match="tracking.uri=") as err:
+        check_persistent("sqlite:///mlflow.db")
+    assert "storage.uri=" not in str(err.value)
+
+
+def test_use_storage_sets_the_cache_root_for_this_process_and_its_workers(tmp_path, monkeypatch):
+    from harness.paths import cache_dir, use_storage
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "env"))
+    use_storage(None)
+    assert cache_dir() == tmp_path / "env"
+    use_storage(tmp_path / "spec")
+    assert cache_dir() == tmp_path / "spec" and os.environ["HARNESS_CACHE_DIR"] == str(tmp_path / "spec")

@@ -1,10 +1,10 @@
-"""End to end: ``jobs/smoke.yaml`` on local Ray against a real MLflow server, then through
-``ray job submit`` to a Ray head on 127.0.0.1, then reuse and determinism after a deleted
-shard. Shares the test cache (data, embedded backbones) with the other tests.
+"""End to end: ``jobs/smoke.yaml`` on local Ray against a real MLflow server (artifacts
+through the server), then reuse and determinism after a deleted shard. Shares the test cache
+(data, embedded backbones) with the other tests. (``ray job submit`` is tested with the
+README's own commands in ``test_readme_cluster.py``.)
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from services import REPO, TEST_CACHE, base_env, mlflow_server, ray_head, short_tmp
+from services import REPO, fresh_cache, mlflow_server, short_tmp, user_env
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +48,19 @@ def child_runs(client, experiment):
     return parents, children
 
 
-def test_smoke_run_on_local_ray_logs_to_mlflow_server(server):
-    spec = smoke_spec()
-    env = base_env(MLFLOW_TRACKING_URI=server, RAY_TMPDIR=short_tmp("ray"))
+@pytest.fixture(scope="module")
+def env(server, tmp_path_factory):
+    return user_env(MLFLOW_TRACKING_URI=server,
+                    HARNESS_CACHE_DIR=str(fresh_cache(tmp_path_factory.mktemp("e2e"))))
+
+
+@pytest.fixture(scope="module")
+def first_run(env):
     run_harness(["run", str(SMOKE), "tracking.experiment=e2e-local"], env)
+
+
+def test_smoke_run_on_local_ray_logs_to_mlflow_server(server, env, first_run):
+    spec = smoke_spec()
     client = MlflowClient(server)
     parents, children = child_runs(client, "e2e-local")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -84,41 +93,23 @@ def test_smoke_run_on_local_ray_logs_to_mlflow_server(server):
     assert n_images == spec.data.limit
 
 
-def test_shard_reuse_and_determinism_after_deleted_shard(server):
-    env = base_env(MLFLOW_TRACKING_URI=server, RAY_TMPDIR=short_tmp("ray"))
-    run_harness(["run", str(SMOKE), "tracking.experiment=e2e-reuse"], env)
+def test_shard_reuse_and_determinism_after_deleted_shard(server, env, first_run):
+    """The cache of the run above: delete one shard; the rerun recomputes only that one."""
     client = MlflowClient(server)
-    _, first = child_runs(client, "e2e-reuse")
+    _, first = child_runs(client, "e2e-local")
     before = {r.data.tags["run_key"]: r.data.metrics for r in first}
     shards = sorted(p for r in first for p in Path(r.data.tags["shard_dir"]).glob("shard-*.parquet"))
     assert len(shards) == sum(2 for _ in first)          # 12 images, 6 per task
     victim = next(s for s in shards if "/gradcampp-" in str(s))
     others = {s: s.stat().st_mtime_ns for s in shards if s != victim}
     victim.unlink()
-    run_harness(["run", str(SMOKE), "tracking.experiment=e2e-reuse"], env)
+    run_harness(["run", str(SMOKE), "tracking.experiment=e2e-local"], env)
     assert victim.exists(), "the deleted shard was not recomputed"
     assert all(s.stat().st_mtime_ns == t for s, t in others.items()), "finished shards were redone"
-    parents, runs = child_runs(client, "e2e-reuse")
+    parents, runs = child_runs(client, "e2e-local")
     latest = max(parents, key=lambda r: r.info.start_time).info.run_id
     after = {r.data.tags["run_key"]: r.data.metrics for r in runs
              if r.data.tags["mlflow.parentRunId"] == latest}
     for key, metrics in before.items():
         for name in METRICS - {"seconds_per_image"}:
             assert after[key][name] == metrics[name], (key, name)
-
-
-def test_ray_job_submit_of_smoke_spec(server):
-    env = base_env(MLFLOW_TRACKING_URI=server)
-    with ray_head(env) as address:
-        runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": server,
-                                               "HARNESS_CACHE_DIR": str(TEST_CACHE)}})
-        proc = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
-             "--runtime-env-json", runtime_env, "--",
-             "python", "-m", "harness", "run", "jobs/smoke.yaml", "tracking.experiment=e2e-job"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        assert "succeeded" in proc.stdout.lower()
-    parents, children = child_runs(MlflowClient(server), "e2e-job")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert children and all(r.info.status == "FINISHED" for r in children)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from services import base_env, fresh_cache, short_tmp
+from services import fresh_cache, user_env
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,8 @@ def tune_cmd(path: Path, *extra: str) -> list[str]:
 @pytest.fixture()
 def env(tmp_path):
     """Each test its own cache (sweep state, heads, results) on the shared data and backbones."""
-    return base_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                    RAY_TMPDIR=short_tmp("rayt"), HARNESS_CACHE_DIR=str(fresh_cache(tmp_path)))
+    return user_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    HARNESS_CACHE_DIR=str(fresh_cache(tmp_path)))
 
 
 def trial_results(exp_dir: Path) -> dict[str, list[dict]]:

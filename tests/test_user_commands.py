@@ -1,0 +1,181 @@
+"""Every command as a user runs it: a subprocess in a fresh copy of the project, a plain shell.
+
+The environment is a user's (``services.user_env``: PATH, a fresh HOME without a Ray token,
+no Ray or MLflow variables), the cache and the MLflow store are the documented defaults
+(``./.harness-cache``, ``sqlite:///./mlflow.db``) and the commands are the README's. The copy's
+cache starts with the shared generated inputs (data set, embedded backbones) and nothing
+else: heads, shards, runs and sweeps are made here. One module-scoped session runs the
+commands in the order a new user would (``run``, ``report``, ``tune``, ``report`` again,
+``explain``, ``bench``) and the tests check what each left behind.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from services import DOCUMENTED, REPO, user_env, workspace
+
+pytestmark = pytest.mark.slow
+
+FRACTIONS = ("100", "50", "15")
+
+
+class Session:
+    """A user's shell in a fresh copy of the project: ``run(*args)`` -> CompletedProcess."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.home = root.parent / "home"
+        self.home.mkdir()
+
+    def run(self, *args: str, timeout: float = 600, executable=None) -> subprocess.CompletedProcess:
+        cmd = list(executable or [sys.executable, "-m", "harness"]) + list(args)
+        return subprocess.run(cmd, cwd=self.root, env=user_env(self.home), capture_output=True,
+                              text=True, timeout=timeout)
+
+    def ok(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        proc = self.run(*args, **kw)
+        assert proc.returncode == 0, f"{args}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+        return proc
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(f"sqlite:///{self.root / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    return Session(workspace(tmp_path_factory.mktemp("user")))
+
+
+@pytest.fixture(scope="module")
+def smoke(user):
+    """``python -m harness run jobs/smoke.yaml``, as the README shows it."""
+    proc = user.ok("run", "jobs/smoke.yaml")
+    exp = user.client.get_experiment_by_name("smoke")
+    parents = user.client.search_runs([exp.experiment_id], "tags.harness_role = 'benchmark'")
+    assert len(parents) == 1
+    return {"proc": proc, "experiment": exp, "parent": parents[0]}
+
+
+def children(client, parent):
+    return client.search_runs([parent.info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                              max_results=500)
+
+
+def by_hand(rows) -> dict[str, float]:
+    """AD and IC from the per-image rows, written out without the harness's code."""
+    y = rows.column("Y").to_pylist()
+    out = {}
+    for k in FRACTIONS:
+        o = rows.column(f"O_{k}").to_pylist()
+        drops = [max(0.0, yi - oi) / yi if yi > 0 else 0.0 for yi, oi in zip(y, o)]
+        out[f"AD_{k}"] = 100.0 * sum(drops) / len(y)
+        out[f"IC_{k}"] = 100.0 * sum(oi > yi for yi, oi in zip(y, o)) / len(y)
+    return out
+
+
+# -- the README's first commands ---------------------------------------------------------------
+def test_ls_and_the_installed_script(user):
+    listed = user.ok("ls").stdout
+    for name in ("gradcam", "gradcampp", "scorecam", "rise", "lcam_fm", "lcam_img",
+                 "tiny_vgg", "tiny_resnet", "vgg16", "resnet50", "quickstart.yaml"):
+        assert name in listed, name
+    script = Path(sys.executable).with_name("lcam-bench")
+    assert user.ok("ls", executable=[str(script)]).stdout == listed
+
+
+def test_validate_the_quickstart(user):
+    assert "jobs/quickstart.yaml: OK (2 backbones x 8 methods)" in user.ok(
+        "validate", "jobs/quickstart.yaml").stdout
+
+
+def test_run_writes_to_the_default_cache_and_store(user, smoke):
+    out = smoke["proc"].stdout
+    assert f"MLflow: sqlite:///{user.root / 'mlflow.db'}" in out
+    assert (user.root / ".harness-cache" / "shards").is_dir()
+    assert smoke["experiment"].tags.get("mlflow.experimentKind") == "custom_model_development"
+
+
+def test_run_logs_all_sixteen_rows_and_their_numbers_recompute(user, smoke):
+    """16 child runs, named to sort by backbone then the spec's row order; AD and IC of each
+    equal a hand computation over its per-image Parquet artifact."""
+    runs = children(user.client, smoke["parent"])
+    assert len(runs) == 16 and all(r.info.status == "FINISHED" for r in runs)
+    names = sorted(r.info.run_name for r in runs)
+    assert names[:8] == [f"tiny_resnet {i:02d} {d}" for i, d in enumerate(
+        ("Grad-CAM", "Grad-CAM++", "Score-CAM", "RISE", "L-CAM-Fm", "L-CAM-Img", "L-CAM-Fm*",
+         "L-CAM-Img*"), 1)]
+    for r in runs:
+        local = user.client.download_artifacts(r.info.run_id, "per_image.parquet",
+                                               str(user.root.parent))
+        rows = pq.read_table(local)
+        assert rows.num_rows == 12 == r.data.metrics["images"]
+        for key, value in by_hand(rows).items():
+            assert math.isclose(r.data.metrics[key], value, rel_tol=1e-12, abs_tol=1e-12), \
+                (r.info.run_name, key)
+
+
+def test_parent_run_carries_the_table_and_plots(user, smoke):
+    arts = {a.path for a in user.client.list_artifacts(smoke["parent"].info.run_id, "report")}
+    assert {"report/table.md", "report/table.csv", "report/ad_ic_vs_fw-tiny_vgg.png",
+            "report/ad_ic_vs_fw-tiny_resnet.png"} <= arts, arts
+
+
+def test_report_after_run_then_after_tune(user, smoke):
+    """``report`` with no option reports the latest *benchmark*, also after a sweep."""
+    first = user.ok("report")
+    parent_id = smoke["parent"].info.run_id
+    assert f"report of run {parent_id}" in first.stdout
+    with open(user.root / "reports" / parent_id / "table.csv") as f:
+        table = list(csv.DictReader(f))
+    metrics = {r.data.tags["run_key"]: r.data.metrics for r in children(user.client, smoke["parent"])}
+    assert len(table) == 16
+    for row in table:
+        stored = metrics[f"{row['backbone']}/{row['method_id']}"]
+        assert float(row["AD_15"]) == stored["AD_15"] and float(row["IC_50"]) == stored["IC_50"]
+    sweep = user.ok("tune", "jobs/sweeps/lcam_quickstart.yaml", "sweep.num_samples=2",
+                    "train.epochs=1", "data.train_limit=64", "sweep.validation_images=16")
+    assert "best config written as a benchmark spec:" in sweep.stdout
+    again = user.ok("report")
+    assert f"report of run {parent_id}" in again.stdout
+
+
+def test_explain_and_bench(user, smoke):
+    image = sorted((user.root / ".harness-cache" / "quickstart-v1" / "val" / "star").glob(
+        "*[0-9].png"))[0]
+    out = user.ok("explain", str(image), "--backbone", "tiny_vgg", "--method", "gradcam",
+                  "--top-k", "2").stdout
+    png = Path(user.root, out.split(":")[0])
+    assert png.is_file() and png.stat().st_size > 1000
+    user.ok("bench", "--backbones", "tiny_resnet", "--size", "64", "--batch", "2",
+            "--threads", "1", "--repeats", "1", "--methods", "gradcam", "lcam_fm",
+            "--no-train", "--no-eval", "--out", "bench-results/tiny.json")
+    assert (user.root / "bench-results" / "tiny.json").is_file()
+
+
+def test_a_spec_with_a_nul_byte_is_refused_naming_the_file(user):
+    path = user.root / "broken.yaml"
+    path.write_bytes(b"schema: 1\nname: bro\x00ken\nbackbones: [tiny_vgg]\nmethods: [gradcam]\n")
+    for command in ("validate", "run"):
+        proc = user.run(command, "broken.yaml")
+        assert proc.returncode == 2, proc.stderr
+        assert "broken.yaml: 1 problem" in proc.stderr and "#x0000" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_documented_variables_are_in_the_readme():
+    """Tests may give a command only the variables the README tells users about."""
+    readme = (REPO / "README.md").read_text()
+    for name in DOCUMENTED:
+        assert re.search(rf"\b{name}\b", readme), name
