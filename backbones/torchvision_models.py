@@ -1,6 +1,6 @@
 """The paper's backbones from torchvision: VGG-16 (14x14 and 7x7 feature maps) and ResNet-50.
 
-Feature maps A (protocol.md section 2):
+Feature maps A (docs/protocol.md section 3):
 - ``vgg16``: ``features[:30]`` (ReLU after conv5_3), 14x14x512; the head is the last
   max-pool, the adaptive 7x7 average pool and the classifier.
 - ``vgg16_7x7``: ``features[:31]`` (after the last max-pool), 7x7x512 (the paper's L-CAM-Img

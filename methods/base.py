@@ -10,6 +10,7 @@ is *degenerate* and normalises to all zeros; ``last_degenerate`` records which w
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -17,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.registry import did_you_mean
+from backbones.registry import did_you_mean
+from harness.spec.values import (bounds_text, expected, not_one_of, null_refused,
+                                 out_of_range, within)
 
 
 class ExplainerInputError(ValueError):
@@ -26,11 +29,80 @@ class ExplainerInputError(ValueError):
 
 @dataclass(frozen=True)
 class Param:
-    """A typed method parameter with its default (``None`` default = backbone-dependent)."""
+    """A typed method parameter: its type(s), default, help text, and the values it accepts.
+
+    ``default=None`` means "unset" (e.g. RISE's mask count depends on the backbone): None is
+    then accepted; elsewhere it is refused. ``ge``/``gt``/``le``/``lt`` bound a number,
+    ``choices`` lists the accepted values. ``param_problem`` checks a value against this
+    declaration, for ``Explainer.__init__`` and for specs (``harness.spec.params``) alike.
+    """
 
     type: type | tuple
     default: Any
     help: str = ""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple = ()
+
+    @property
+    def types(self) -> tuple:
+        return self.type if isinstance(self.type, tuple) else (self.type,)
+
+    @property
+    def kind(self) -> str:
+        """'number' (float accepted), 'int', 'bool' or 'str'."""
+        types = self.types
+        if float in types:
+            return "number"
+        return "int" if int in types else "bool" if bool in types else "str"
+
+    @property
+    def bounds(self) -> dict[str, float]:
+        return {k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le),
+                                  ("lt", self.lt)) if v is not None}
+
+    def accepts(self) -> str:
+        """What the parameter accepts, e.g. 'int >= 1, or null' or 'mean | black'."""
+        if self.choices:
+            text = " | ".join(map(str, self.choices))
+        else:
+            text = {"number": "number", "int": "int", "bool": "true | false"}.get(
+                self.kind, "string")
+            if self.bounds:
+                text += " " + bounds_text(**self.bounds)
+        return text + (", or null" if self.default is None else "")
+
+
+def _type_ok(value: Any, param: Param) -> bool:
+    kind = param.kind
+    if isinstance(value, bool):
+        return kind == "bool"
+    if kind == "number":
+        return isinstance(value, (int, float))
+    return isinstance(value, {"int": int, "bool": bool}.get(kind, param.types))
+
+
+def param_problem(name: str, param: Param, value: Any) -> str | None:
+    """What is wrong with ``value`` for the parameter ``name`` (None: nothing).
+
+    The one check of a parameter value: ``Explainer.__init__`` raises it (prefixed with the
+    method and parameter) and a spec reports it at ``methods[i].params.<name>``.
+    """
+    if value is None:
+        return None if param.default is None else null_refused(param.default)
+    if param.choices and not isinstance(value, bool) and value in param.choices:
+        return None
+    if param.choices:
+        return not_one_of(value, param.choices)
+    if not _type_ok(value, param):
+        return expected(param.kind, value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return expected("number", value)
+    if param.bounds and not within(value, **param.bounds):
+        return out_of_range(value, name, bounds_text(**param.bounds))
+    return None
 
 
 def minmax(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,15 +129,6 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return x[:, 0] if squeeze else x
-
-
-def _type_ok(value: Any, typ: type | tuple) -> bool:
-    if value is None:
-        return True
-    types = typ if isinstance(typ, tuple) else (typ,)
-    if isinstance(value, bool) and bool not in types:
-        return False
-    return isinstance(value, types)
 
 
 @contextlib.contextmanager
@@ -112,12 +175,9 @@ class Explainer:
         self.config: dict[str, Any] = {}
         for key, spec in self.params.items():
             value = params.get(key, spec.default)
-            # None is accepted only where it is the default (= backbone-dependent / unset).
-            if not _type_ok(value, spec.type) or (value is None and spec.default is not None):
-                types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
-                raise ExplainerInputError(
-                    f"{self.name}: parameter {key}={value!r} must be of type "
-                    f"{' or '.join(getattr(t, '__name__', str(t)) for t in types)}")
+            problem = param_problem(key, spec, value)
+            if problem:
+                raise ExplainerInputError(f"{self.name}: {key}: {problem}")
             self.config[key] = value
         self.last_degenerate = torch.zeros(0, dtype=torch.bool)
         self._graph = None             # (A leaf, logits with graph) during a gradient explain
@@ -127,12 +187,24 @@ class Explainer:
 
     # -- hooks for subclasses -------------------------------------------------------------
     def setup(self) -> None:
-        """Validate parameters, derive state (called at the end of __init__)."""
+        """Derive state from the checked parameters (called at the end of __init__).
+
+        Parameter values are checked against their ``Param`` declarations (type, range,
+        choices) before this runs: a range belongs in the declaration, not here."""
+
+    @classmethod
+    def planned_forward_passes(cls, params: dict[str, Any], backbone: dict[str, Any]) -> int:
+        """Nominal #FW per explanation (docs/protocol.md section 2.4) from the parameters and
+        the backbone's registry metadata (``name``, ``feature_shape``), before anything is
+        built: what a plan states and what ``forward_passes`` returns."""
+        return 1
 
     @property
     def forward_passes(self) -> int:
-        """Nominal backbone forward passes per explanation (protocol.md section 1)."""
-        return 1
+        """Nominal backbone forward passes per explanation (docs/protocol.md section 2.4)."""
+        meta = {"name": getattr(self.backbone, "name", ""),
+                "feature_shape": (self.backbone.feature_channels,)}
+        return int(self.planned_forward_passes(self.config, meta))
 
     def _saliency(self, images: torch.Tensor, feats: torch.Tensor, logits: torch.Tensor,
                   targets: torch.Tensor) -> torch.Tensor:

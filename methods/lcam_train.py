@@ -12,6 +12,7 @@ Only the head's parameters are trained; the backbone never gets gradients.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -19,7 +20,6 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from harness.paths import atomic_write
 from .lcam import PAPER_LAMBDAS, AttentionHead, lcam_loss, training_forward
 
 
@@ -129,11 +129,20 @@ def run_epoch(backbone, head, loader: Iterable, cfg: TrainConfig, optimizer=None
 
 
 def save_head(path: str | Path, head: nn.Module, meta: dict) -> Path:
-    """Write {'state_dict', 'meta'} atomically (temp file + rename)."""
+    """Write {'state_dict', 'meta'} (the file ``lcam.load_head`` reads) in one step: a
+    temporary file in the same folder, then ``os.replace``, so readers never see half a head."""
     module = getattr(head, "module", head)        # unwrap DDP
     state = {"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
              "meta": meta}
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def head_meta(backbone, cfg: TrainConfig, **more) -> dict:

@@ -1,5 +1,5 @@
-"""The method registry (one instance of ``harness.registry.Registry``) and its decorator."""
-from harness.registry import Registry
+"""The method registry (one instance of ``backbones.registry.Registry``) and its decorator."""
+from backbones.registry import Registry
 
 REGISTRY = Registry("method")
 

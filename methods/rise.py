@@ -76,36 +76,29 @@ class RISE(Explainer):
     paper = "Petsiuk et al., RISE, BMVC 2018"
     variants = ("paper", "reference")
     normalise_at = "input"
+    # p1 is open at both ends: p1 = 0 keeps no cell (every mask is 0 and the 1 / (N p1)
+    # normalisation divides by zero); p1 = 1 keeps every cell (RISE's code draws
+    # rand < p1, always true), so every mask is all ones and every map is constant
+    # (degenerate). For the same reason cell >= 2: a 1 x 1 grid upsamples to a constant mask.
     params = {
-        "n_masks": Param(int, None, "number of masks N (default 4000 VGG-16, 8000 ResNet-50)"),
-        "cell": Param(int, 7, "grid size s"),
-        "p1": Param((int, float), 0.5, "probability that a grid cell is kept"),
-        "seed": Param(int, 0, "seed of the mask set"),
-        "fill": Param(str, "mean", "'mean' (mask the normalised image) or 'black'"),
-        "batch_size": Param(int, 64, "masked images per forward"),
+        "n_masks": Param(int, None, "number of masks N (default 4000 VGG-16, 8000 ResNet-50)",
+                         ge=1),
+        "cell": Param(int, 7, "grid size s (s x s cells)", ge=2),
+        "p1": Param((int, float), 0.5, "probability that a grid cell is kept", gt=0, lt=1),
+        "seed": Param(int, 0, "seed of the mask set", ge=0),
+        "fill": Param(str, "mean", "'mean' (mask the normalised image) or 'black'",
+                      choices=("mean", "black")),
+        "batch_size": Param(int, 64, "masked images per forward", ge=1),
     }
 
     def setup(self) -> None:
-        cfg = self.config
-        if cfg["n_masks"] is None:
-            cfg["n_masks"] = DEFAULT_MASKS.get(getattr(self.backbone, "name", ""), 4000)
-        problems = []
-        if cfg["n_masks"] < 1:
-            problems.append("n_masks must be >= 1")
-        if cfg["cell"] < 1:
-            problems.append("cell must be >= 1")
-        if not 0 < cfg["p1"] <= 1:
-            problems.append("p1 must be in (0, 1]")
-        if cfg["fill"] not in ("mean", "black"):
-            problems.append(f"fill must be 'mean' or 'black', got {cfg['fill']!r}")
-        if cfg["batch_size"] < 1:
-            problems.append("batch_size must be >= 1")
-        if problems:
-            raise ValueError("rise: " + "; ".join(problems))
+        if self.config["n_masks"] is None:
+            self.config["n_masks"] = DEFAULT_MASKS.get(getattr(self.backbone, "name", ""), 4000)
 
-    @property
-    def forward_passes(self) -> int:
-        return self.config["n_masks"]
+    @classmethod
+    def planned_forward_passes(cls, params, backbone) -> int:
+        n = params.get("n_masks")
+        return int(n if n is not None else DEFAULT_MASKS.get(backbone.get("name", ""), 4000))
 
     def masks_for(self, size: tuple[int, int]) -> MaskSet:
         c = self.config

@@ -31,16 +31,14 @@ class ScoreCAM(Explainer):
     family = "perturbation"
     paper = "Wang et al., Score-CAM, CVPR-W 2020"
     variants = ("paper", "reference", "channel_softmax")
-    params = {"batch_size": Param(int, 64, "masked images per forward")}
+    params = {"batch_size": Param(int, 64, "masked images per forward", ge=1)}
 
     def setup(self) -> None:
-        if self.config["batch_size"] < 1:
-            raise ValueError("scorecam: batch_size must be >= 1")
         self.normalise_at = "feature" if self.variant == "channel_softmax" else "input"
 
-    @property
-    def forward_passes(self) -> int:
-        return self.backbone.feature_channels
+    @classmethod
+    def planned_forward_passes(cls, params, backbone) -> int:
+        return int(backbone["feature_shape"][0])          # K masked forwards
 
     def _score(self, batch: torch.Tensor, target: int, normalized: bool) -> torch.Tensor:
         bb = self.backbone

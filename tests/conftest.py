@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # plain `pytest` without an installed package
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "tests"):     # the package without an install; tests/services.py
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 torch.set_num_threads(2)
 # Random-init backbones push some gradients (e.g. L-CAM-Img training through ResNet-50) into

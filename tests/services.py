@@ -54,8 +54,8 @@ def ensure_shared_inputs() -> None:
     """The session's test cache holds the quickstart data and tiny_vgg (built if missing)."""
     if (TEST_CACHE / "quickstart-v1").is_dir() and list((TEST_CACHE / "backbones").glob("tiny_vgg-*.pt")):
         return
-    code = ("from harness.quickstart import ensure_quickstart; ensure_quickstart(); "
-            "import backbones; backbones.load('tiny_vgg', weights='embedded')")
+    code = ("from harness.data.quickstart import ensure_quickstart; ensure_quickstart(); "
+            "from harness.data.models import load_backbone; load_backbone('tiny_vgg')")
     subprocess.run([sys.executable, "-c", code], cwd=REPO,
                    env=user_env(HARNESS_CACHE_DIR=str(TEST_CACHE)), check=True, timeout=900)
 

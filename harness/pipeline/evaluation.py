@@ -1,0 +1,127 @@
+"""Stage 3 of a run: the evaluation, laid out in shards and run as Ray tasks.
+
+``shard_jobs`` (pure) cuts every cell's images into shards of ``images_per_task`` and names
+the cell's folder in the cache by a hash of everything that determines its rows: backbone and
+weights id, method, variant, parameters and version, kept fractions, protocol preset,
+evaluation-list hash, seed, shard size, batch size, the head checkpoint's content hash,
+precision options and the rows format. Finished shard files are reused, so a rerun, or a
+new spec that shares a cell, recomputes nothing.
+
+``evaluate`` submits every missing shard (``harness.pipeline.shards.run_shard``, retried by
+Ray ``max_retries`` times on a lost worker or an error) and, as soon as all shards of a cell
+exist, that cell's analysis task (``run_analysis``). A cell whose shards fail is reported as
+failed; the other cells go on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import methods
+from harness.data.cache import file_hash, stable_hash
+from harness.pipeline.inputs import Inputs
+from harness.pipeline.plan import Cell, Plan
+from harness.pipeline.shards import ROWS_VERSION, AnalysisJob, ShardJob, run_analysis, run_shard
+
+
+@dataclass
+class CellWork:
+    """One cell's evaluation: its folder, its shards and, once run, its outcome."""
+
+    cell: Cell
+    checkpoint: str | None
+    shard_dir: Path
+    jobs: list[ShardJob]
+    error: str | None = None
+    analysis: dict = field(default_factory=dict)      # run_analysis's result
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [Path(j.out_path) for j in self.jobs]
+
+
+def cell_identity(plan: Plan, inputs: Inputs, cell: Cell, checkpoint: str | None) -> dict:
+    ev = plan.evaluation
+    return {"backbone": cell.backbone, "weights": inputs.weights_id(cell.backbone),
+            "method": cell.method, "variant": cell.variant, "params": cell.params,
+            "fractions": ev.fractions, "preset": ev.preset.as_dict(),
+            "list": inputs.datasets[cell.backbone].list_hash, "seed": plan.seed,
+            "per_task": ev.images_per_task, "batch": ev.batch_size,
+            "head": file_hash(checkpoint) if checkpoint else None,
+            "method_version": methods.method_class(cell.method).version,
+            "rows_version": ROWS_VERSION, "autocast": ev.autocast,
+            "channels_last": ev.channels_last}
+
+
+def shard_jobs(plan: Plan, inputs: Inputs, heads: dict[str, str | None],
+               root: Path) -> list[CellWork]:
+    """Every cell's shards (``heads``: cell key -> its head checkpoint, for learned cells)."""
+    ev, works = plan.evaluation, []
+    for cell in plan.cells:
+        checkpoint = heads.get(cell.key)
+        folder = root / "shards" / cell.backbone / (
+            f"{cell.method_id}-{stable_hash(cell_identity(plan, inputs, cell, checkpoint))}")
+        n, per = inputs.images(cell.backbone), ev.images_per_task
+        jobs = [ShardJob(cell=cell, images=plan.images[cell.backbone], evaluation=ev,
+                         checkpoint=checkpoint, seed=plan.seed, shard=i,
+                         indices=tuple(range(start, min(start + per, n))),
+                         out_path=str(folder / f"shard-{i:05d}.parquet"),
+                         save_maps=ev.overlays if i == 0 else 0)
+                for i, start in enumerate(range(0, n, per))]
+        works.append(CellWork(cell, checkpoint, folder, jobs))
+    return works
+
+
+def _error(err: Exception) -> str:
+    err = getattr(err, "cause", None) or err      # unwrap RayTaskError
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+
+
+def evaluate(plan: Plan, works: list[CellWork],
+             progress: Callable[[str, int, int | None], None]) -> None:
+    """Run the missing shards, then each cell's analysis; fills ``work.error``/``.analysis``."""
+    import ray
+    ev = plan.evaluation
+    options = dict(num_cpus=ev.cpus_per_task, num_gpus=ev.gpus_per_task,
+                   max_retries=ev.max_retries, retry_exceptions=[OSError, RuntimeError])
+    shard_task = ray.remote(run_shard).options(**options)
+    analysis_task = ray.remote(run_analysis).options(**options)
+    pending: dict = {}
+    left: dict[str, int] = {}
+    done: dict[str, int] = {}
+
+    def analyse(work: CellWork) -> None:
+        job = AnalysisJob(cell=work.cell, images=plan.images[work.cell.backbone], evaluation=ev,
+                          checkpoint=work.checkpoint, seed=plan.seed,
+                          shard_paths=tuple(map(str, work.shard_paths)),
+                          out_dir=str(work.shard_dir / "artifacts"))
+        pending[analysis_task.remote(job)] = (work, "analysis")
+
+    for work in works:
+        todo = [j for j in work.jobs if not Path(j.out_path).exists()]
+        key = work.cell.key
+        left[key], done[key] = len(todo), len(work.jobs) - len(todo)
+        progress(f"evaluate {key}", done[key], len(work.jobs) + 1)
+        for job in todo:
+            pending[shard_task.remote(job)] = (work, "shard")
+        if not todo:
+            analyse(work)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        work, kind = pending.pop(ready[0])
+        key = work.cell.key
+        try:
+            result = ray.get(ready[0])
+        except Exception as err:                 # failed after its retries
+            work.error = work.error or _error(err)
+            left[key] -= kind == "shard"
+            continue
+        done[key] += 1
+        progress(f"evaluate {key}", done[key], len(work.jobs) + 1)
+        if kind == "analysis":
+            work.analysis = result
+            continue
+        left[key] -= 1
+        if left[key] == 0 and work.error is None:
+            analyse(work)

@@ -1,0 +1,286 @@
+"""L-CAM head training on Ray Train: one ``TorchTrainer`` fit trains a group of heads.
+
+All heads of one backbone that share the data, batch size and label source (L-CAM-Fm,
+L-CAM-Img and their CE-only ablations, say) train in the same fit, on the same batches: the
+clean forward that gives A and the model-truth labels runs once per batch for all of them.
+Workers come from the spec (gloo DDP on CPU, nccl on GPU); each epoch every rank reports,
+rank 0 attaches a checkpoint (heads, optimisers, schedulers, epoch) and logs the epoch's
+curves to each head's MLflow run. A worker failure restarts the group from the last
+checkpoint (``FailureConfig``); a killed driver that runs the same fit again (same name and
+storage path) resumes it. The finished heads are written as small files under the cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.data.cache import stable_hash
+from harness.pipeline.inputs import Inputs
+from harness.pipeline.plan import HeadGroup, HeadPlan, Plan
+from methods.lcam import AttentionHead
+from methods.lcam_train import (TrainConfig, head_meta, make_optimizer, save_head, seed_epoch,
+                                train_step)
+
+TRAIN_VERSION = 2   # bumped whenever the same config trains different heads (cached heads redone)
+
+
+def _log_curves(config: dict, epoch: int, per_head: dict[str, dict]) -> None:
+    uri, run_ids = config.get("tracking_uri"), config.get("run_ids") or {}
+    if not uri or not run_ids:
+        return
+    try:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(uri)
+        now = int(time.time() * 1000)
+        for hid, metrics in per_head.items():
+            if hid in run_ids:
+                client.log_batch(run_ids[hid], metrics=[
+                    Metric(f"train_{k}", float(v), now, epoch) for k, v in metrics.items()])
+    except Exception as err:  # curves are a convenience: never fail training for them
+        print(f"warning: could not log training curves to MLflow: {err}")
+
+
+def _test_fault(config: dict, rank: int, epoch: int, batch: int) -> None:
+    """Test-only fault injection (tests/test_reliability.py), inert unless the variable is set.
+
+    ``HARNESS_TEST_KILL_TRAIN=<epoch>:<batch>`` SIGKILLs the rank-0 worker process when it
+    reaches that batch of that epoch, once: the marker ``<progress file>.killed`` (atomic
+    create) lets the restarted worker group, and any later fit, train normally. It first waits
+    until the controller has registered the previous epoch's checkpoint (it polls workers
+    every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s): a worker that dies sooner loses that
+    report and the group restarts one checkpoint earlier, which is correct but not this test.
+    """
+    target = os.environ.get("HARNESS_TEST_KILL_TRAIN")
+    if not target or rank != 0 or target != f"{epoch}:{batch}" or not config.get("progress_file"):
+        return
+    try:
+        os.close(os.open(f"{config['progress_file']}.killed", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    import ray.train
+    snapshot = Path(ray.train.get_context().get_storage().experiment_fs_path,
+                    "checkpoint_manager_snapshot.json")
+    deadline = time.time() + 60
+    while epoch > 0 and time.time() < deadline:
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]
+            if latest["epoch"] >= epoch - 1:
+                break
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(0.1)
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _resume(heads, optims, scheds, device) -> int:
+    """Load the last epoch checkpoint of this fit, if any: the epoch to start from."""
+    import ray.train
+    ckpt = ray.train.get_checkpoint()
+    if not ckpt:
+        return 0
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / "heads.pt", map_location=device, weights_only=True)
+    for hid in heads:
+        getattr(heads[hid], "module", heads[hid]).load_state_dict(state["heads"][hid])
+        optims[hid].load_state_dict(state["optims"][hid])
+        scheds[hid].load_state_dict(state["scheds"][hid])
+    return state["epoch"] + 1
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train loop (runs on every worker); ``config["group"]`` is a ``HeadGroup``."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from harness.data.models import load_backbone
+
+    group: HeadGroup = config["group"]
+    torch.set_num_threads(group.num_threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if group.use_gpu else torch.device("cpu")
+    backbone = load_backbone(group.backbone, weights=group.weights).to(device)
+
+    cfgs = {h.method_id: h.config for h in group.heads}
+    heads, optims, scheds = {}, {}, {}
+    for hid, cfg in cfgs.items():
+        torch.manual_seed(cfg.seed)                   # identical initial heads on every rank
+        head = AttentionHead(backbone.feature_channels, backbone.num_classes).to(device)
+        optims[hid], scheds[hid] = make_optimizer(head, cfg)
+        heads[hid] = ray.train.torch.prepare_model(head) if world > 1 else head
+    start = _resume(heads, optims, scheds, device)
+
+    dataset = group.images.build()
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=config["seed"], drop_last=False)
+    loader = DataLoader(dataset, batch_size=max(1, group.batch_size // world),
+                        sampler=sampler, num_workers=0,
+                        pin_memory=device.type == "cuda")
+    for epoch in range(start, group.epochs):
+        sampler.set_epoch(epoch)
+        seed_epoch(config["seed"], epoch)      # the sampler's shuffle is seeded by set_epoch
+        sums = {hid: {} for hid in heads}
+        for step_index, batch in enumerate(loader):
+            _test_fault(config, rank, epoch, step_index)
+            images, gt = batch[0].to(device, non_blocking=True), batch[1].to(device)
+            with torch.no_grad():
+                feats = backbone.features(images)
+                model_labels = backbone.head(feats).argmax(1)
+            for hid, head in heads.items():
+                if epoch >= cfgs[hid].epochs:
+                    continue
+                head.train()
+                step = train_step(backbone, head, images, gt, cfgs[hid], optims[hid],
+                                  feats=feats, model_labels=model_labels)
+                for k, v in step.items():
+                    w = 1 if k == "n" else step["n"]
+                    sums[hid][k] = sums[hid].get(k, 0.0) + v * w
+        per_head = {}
+        for hid in heads:
+            if epoch >= cfgs[hid].epochs:
+                continue
+            totals = torch.tensor([sums[hid].get(k, 0.0) for k in ("loss", "tv", "area", "ce", "n")],
+                                  dtype=torch.float64)
+            if world > 1:
+                torch.distributed.all_reduce(totals)
+            n = max(totals[4].item(), 1.0)
+            per_head[hid] = {"loss": totals[0].item() / n, "tv": totals[1].item() / n,
+                             "area": totals[2].item() / n, "ce": totals[3].item() / n,
+                             "lr": scheds[hid].get_last_lr()[0]}
+            scheds[hid].step()
+        metrics = {f"{hid}/{k}": v for hid, m in per_head.items() for k, v in m.items()}
+        metrics["epoch"] = epoch
+        if rank == 0:
+            _log_curves(config, epoch, per_head)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"epoch": epoch,
+                            "heads": {h: getattr(m, "module", m).state_dict() for h, m in heads.items()},
+                            "optims": {h: o.state_dict() for h, o in optims.items()},
+                            "scheds": {h: s.state_dict() for h, s in scheds.items()}},
+                           Path(d) / "heads.pt")
+                progress = config.get("progress_file")
+                if progress:
+                    Path(progress).write_text(json.dumps({"epoch": epoch + 1}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+def fit_heads(group: HeadGroup, *, name: str, seed: int, storage_path: Path,
+              tracking_uri: str | None = None, run_ids: dict[str, str] | None = None,
+              progress_file: Path | None = None, max_failures: int = 2) -> dict[str, dict]:
+    """Run (or resume) one Ray Train fit of ``group``: {head id: state_dict} of the last epoch.
+
+    ``name`` and ``storage_path`` identify the fit: the same pair resumes it. ``run_ids``
+    (head id -> MLflow run) receive the training curves; ``progress_file`` the epochs done.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config = {"group": group, "seed": seed, "tracking_uri": tracking_uri,
+              "run_ids": run_ids or {},
+              "progress_file": str(progress_file) if progress_file else None}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=group.workers, use_gpu=group.use_gpu,
+                                     resources_per_worker={"CPU": group.num_threads}),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"head training {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "heads.pt", map_location="cpu", weights_only=True)
+    if state["epoch"] + 1 < group.epochs:
+        raise RuntimeError(f"head training {name} stopped at epoch {state['epoch'] + 1}/"
+                           f"{group.epochs}")
+    return state["heads"]
+
+
+def head_identity(group: HeadGroup, head: HeadPlan, weights_id: str) -> dict:
+    """Everything that determines a trained head (its cache file is named by a hash of it)."""
+    return {"backbone": group.backbone, "weights": weights_id,
+            "group": [group.backbone, group.batch_size, group.workers, group.use_gpu,
+                      dataclasses.asdict(group.images)],
+            "cfg": train_config_dict(head.config), "train_version": TRAIN_VERSION}
+
+
+def write_heads(states: dict[str, dict], backbone, group: HeadGroup,
+                paths: dict[str, Path], extra: dict[str, Any] | None = None) -> None:
+    """Save each trained head as a small checkpoint file (atomic)."""
+    cfgs = {h.method_id: h.config for h in group.heads}
+    for hid, state in states.items():
+        head = AttentionHead(backbone.feature_channels, backbone.num_classes)
+        head.load_state_dict(state)
+        save_head(paths[hid], head, head_meta(backbone, cfgs[hid], epochs_done=cfgs[hid].epochs,
+                                              **(extra or {})))
+
+
+def train_config_dict(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["lambdas"] = list(cfg.lambdas)
+    return d
+
+
+# -- the stage: which heads exist, which to train ------------------------------------------------
+def head_files(plan: Plan, inputs: Inputs, root: Path) -> dict[str, Path]:
+    """Cell key -> its head checkpoint: given in the spec, or the cache file of a trained one."""
+    files = {c.key: Path(c.checkpoint) for c in plan.cells if c.checkpoint}
+    for group in plan.head_groups:
+        wid = inputs.weights_id(group.backbone)
+        for head in group.heads:
+            name = f"{head.mode}-{stable_hash(head_identity(group, head, wid))}.pt"
+            files[f"{group.backbone}/{head.method_id}"] = root / "heads" / group.backbone / name
+    return files
+
+
+def _fit_name(group: HeadGroup, files: list[Path]) -> str:
+    return f"heads-{group.backbone}-{stable_hash([f.name for f in files], 10)}"
+
+
+def train_heads(plan: Plan, inputs: Inputs, root: Path, tracking_uri: str,
+                run_ids: dict[str, str], progress) -> dict[str, Path]:
+    """Train every head not in the cache (one Ray Train fit per group, resumable); returns
+    ``head_files``. ``progress(label, done, total)`` follows the epochs of each fit."""
+    files = head_files(plan, inputs, root)
+    for group in plan.head_groups:
+        missing = [h for h in group.heads
+                   if not files[f"{group.backbone}/{h.method_id}"].exists()]
+        if not missing:
+            continue
+        group = dataclasses.replace(group, heads=tuple(missing))
+        paths = {h.method_id: files[f"{group.backbone}/{h.method_id}"] for h in missing}
+        name = _fit_name(group, list(paths.values()))
+        progress_file = root / "ray_results" / f"{name}.progress.json"
+        progress_file.parent.mkdir(parents=True, exist_ok=True)
+        label = f"train heads {group.backbone} ({len(missing)})"
+        progress(label, 0, group.epochs)
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(fit_heads, group, name=name, seed=plan.seed,
+                                 storage_path=root / "ray_results", tracking_uri=tracking_uri,
+                                 run_ids={h.method_id: run_ids[f"{group.backbone}/{h.method_id}"]
+                                          for h in missing},
+                                 progress_file=progress_file)
+            while not future.done():
+                time.sleep(0.5)
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    progress(label, json.loads(progress_file.read_text())["epoch"], group.epochs)
+            states = future.result()
+        progress(label, group.epochs, group.epochs)
+        write_heads(states, inputs.backbones[group.backbone], group, paths, {"fit": name})
+    return files

@@ -1,0 +1,76 @@
+"""Stage 1 of a run: the inputs, made and checked before anything is started or recorded.
+
+``prepare_inputs(plan)`` generates the quickstart data set if the plan needs it, builds every
+backbone's evaluation set and decodes each image once (a bad image under
+``on_bad_image: stop``, or nothing left under ``skip``, raises ``InputRefused``: exit 2, no
+MLflow run, no Ray), then loads each backbone on the driver (training an embedded one on first
+use) for what identifies it: the weights id, the feature layer, the input size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from harness.errors import UserError
+from harness.pipeline.plan import Plan
+
+
+class InputRefused(UserError):
+    """Bad input data found before the run started anything."""
+
+
+@dataclass
+class Inputs:
+    """What the run reads: each backbone's evaluation set and the loaded backbone itself."""
+
+    datasets: dict = field(default_factory=dict)      # backbone name -> ImageDataset
+    backbones: dict = field(default_factory=dict)     # backbone name -> SplitBackbone (CPU)
+
+    def weights_id(self, name: str) -> str:
+        return self.backbones[name].weights_id
+
+    def images(self, name: str) -> int:
+        return len(self.datasets[name])
+
+
+def _quickstart(progress: Callable[[str, int, int | None], None]) -> None:
+    from harness.data.quickstart import ensure_quickstart
+    ensure_quickstart(progress=lambda done, total: progress("quickstart data", done, total))
+
+
+def prepare_data(plan: Plan, progress: Callable[[str, int, int | None], None]) -> Inputs:
+    """Every evaluation set, built and checked (see the module docstring)."""
+    from harness.data.images import DataError
+    inputs = Inputs()
+    try:
+        if any(s.kind == "quickstart" for s in plan.images.values()):
+            _quickstart(progress)
+        for name, images in plan.images.items():
+            ds = images.build()
+            if ds.on_bad_image == "stop":           # "skip" has decoded them already
+                progress(f"check {len(ds)} images for {name}", 0, None)
+                ds.verify()
+                progress(f"check {len(ds)} images for {name}", 1, 1)
+            if not len(ds):
+                raise DataError(f"no images left to evaluate for {name}: all {ds.skipped} "
+                                f"selected were skipped (first: {ds.bad[0][1]})" if ds.bad
+                                else f"no images to evaluate for {name}")
+            inputs.datasets[name] = ds
+    except DataError as err:
+        raise InputRefused(f"{err}\nnothing was started: fix the data or set "
+                           "data.on_bad_image: skip") from None
+    return inputs
+
+
+def load_backbones(plan: Plan, inputs: Inputs,
+                   progress: Callable[[str, int, int | None], None]) -> None:
+    """Load each backbone on the driver (CPU) and check its input size against its images."""
+    from harness.data.models import load_backbone
+    for name, images in plan.images.items():
+        progress(f"backbone {name}", 0, None)
+        bb = load_backbone(name, weights=plan.weights[name])
+        progress(f"backbone {name}", 1, 1)
+        if tuple(bb.input_size) != tuple(images.input_size):
+            raise RuntimeError(f"backbone {name}: its registry entry says input size "
+                               f"{images.input_size}, the model {tuple(bb.input_size)}")
+        inputs.backbones[name] = bb

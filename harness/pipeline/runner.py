@@ -1,0 +1,144 @@
+"""``python -m harness run SPEC``: a benchmark, as a sequence of stages over its plan.
+
+    plan = plan(spec)                              what will be computed (pure)
+    inputs = prepare_data(plan)                    data made and checked (bad input: exit 2)
+    open_runs(...)                                 MLflow: a parent run, a child per cell
+    load_backbones(...); init_ray(...)
+    heads = train_heads(...)                       Ray Train, one fit per head group, cached
+    works = shard_jobs(...); evaluate(...)         Ray tasks: shards, then each cell's analysis
+    record_cell(...) for each cell; show(...)      numbers and files to MLflow, Table 1
+
+Everything finished is kept under the cache (``storage.uri``) and reused: a rerun only
+re-aggregates; a killed run resumes (heads from their last epoch checkpoint, shards from the
+files that exist, MLflow runs found again by their tags). docs/architecture.md walks through
+it with the files involved.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from harness.data.cache import cache_dir, check_persistent, use_storage, write_text_atomic
+from harness.pipeline import ray_runtime
+from harness.pipeline.evaluation import evaluate, shard_jobs
+from harness.pipeline.heads import train_heads
+from harness.pipeline.inputs import load_backbones, prepare_data
+from harness.pipeline.plan import Plan, plan as make_plan
+from harness.results.record import common_tags, open_runs, record_cell, show
+from harness.results.tracking import Tracker, tracking_uri
+from harness.terminal import make_console
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RunResult:
+    """What ``run_benchmark`` returns: where the run is and what it measured."""
+
+    parent_run_id: str
+    tracking_uri: str
+    metrics: dict[str, dict] = field(default_factory=dict)    # cell key -> metrics
+    failed: dict[str, str] = field(default_factory=dict)      # cell key -> error
+
+
+def prepare_locations(spec) -> str:
+    """Apply the spec's storage, refuse temporary locations under a Ray job; the MLflow URI."""
+    use_storage(spec.storage.uri)
+    uri = spec.tracking.uri or tracking_uri()
+    check_persistent(uri)
+    return uri
+
+
+def init_ray(spec) -> None:
+    """Start or join Ray for this spec; every worker gets the cache root, the MLflow and
+    thread variables and, on a local Ray, this checkout on ``PYTHONPATH``."""
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("HARNESS_", "MLFLOW_", "RAY_TRAIN_", "OMP_"))}
+    env["HARNESS_CACHE_DIR"] = str(cache_dir())
+    if ray_runtime.cluster_address(spec.ray.address) is None:   # a job's workers have its files
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                          os.environ.get("PYTHONPATH")]))
+    ray_runtime.init_ray(spec.ray.address, spec.ray.num_cpus, env)
+
+
+class _Bars:
+    """``progress(label, done, total)`` on one rich progress bar per label."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.tasks = progress, {}
+
+    def __call__(self, label: str, done: int, total: int | None) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total)
+        self.progress.update(self.tasks[label], completed=done, total=total)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def _save_spec(spec, root: Path) -> Path:
+    return write_text_atomic(root / "specs" / f"{spec.name}-{spec.fingerprint()}.yaml",
+                             yaml.safe_dump(spec.to_dict(), sort_keys=False))
+
+
+def run_benchmark(spec, console: Console | None = None) -> RunResult:
+    """Run a validated spec (see the module docstring); raises if any cell failed."""
+    console = console or make_console()
+    uri = prepare_locations(spec)
+    root, plan = cache_dir(), make_plan(spec)
+    with _progress(console) as progress:
+        inputs = prepare_data(plan, _Bars(progress))
+    tracker = Tracker(plan.experiment, uri)
+    spec_file = _save_spec(spec, root)
+    tags = common_tags(plan, spec.tracking.tags)
+    parent_id = tracker.parent_run(spec.name, spec.fingerprint(), tags)
+    result, run_ids, completed = RunResult(parent_id, tracker.uri), {}, False
+    try:
+        with _progress(console) as progress:
+            bars = _Bars(progress)
+            load_backbones(plan, inputs, bars)
+            run_ids = open_runs(plan, inputs, tracker, parent_id, tags)
+            init_ray(spec)
+            heads = train_heads(plan, inputs, root, tracker.uri, run_ids, bars)
+            works = shard_jobs(plan, inputs, {k: str(v) for k, v in heads.items()}, root)
+            for work in works:          # where the per-image rows of this run live
+                tracker.log(run_ids[work.cell.key], tags={"shard_dir": str(work.shard_dir)})
+            evaluate(plan, works, bars)
+        for work in works:
+            result.metrics[work.cell.key] = record_cell(plan, inputs, work, tracker,
+                                                        run_ids[work.cell.key], spec_file)
+            if work.error:
+                result.failed[work.cell.key] = work.error
+        tracker.artifact(parent_id, spec_file)
+        completed = True
+    finally:
+        _close_runs(tracker, parent_id, run_ids, ok=completed and not result.failed)
+    show(plan, inputs, result.metrics, tracker, parent_id, root / "reports" / parent_id, console)
+    _raise_failures(plan, result, console)
+    return result
+
+
+def _close_runs(tracker: Tracker, parent_id: str, run_ids: dict[str, str], ok: bool) -> None:
+    """Never leave a run RUNNING (a rerun resumes the ones that did not finish)."""
+    if not ok:
+        for run_id in run_ids.values():
+            if tracker.client.get_run(run_id).info.status == "RUNNING":
+                tracker.finish(run_id, ok=False)
+    tracker.finish(parent_id, ok=ok)
+
+
+def _raise_failures(plan: Plan, result: RunResult, console: Console) -> None:
+    for key, error in result.failed.items():
+        console.print(f"[red]failed[/red] {key}: {error}")
+    if result.failed:
+        first = next(iter(result.failed))
+        raise RuntimeError(f"{len(result.failed)} method run(s) failed: "
+                           + ", ".join(result.failed)
+                           + f" (first, {first}: {result.failed[first]})")

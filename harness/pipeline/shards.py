@@ -1,0 +1,214 @@
+"""What runs inside the evaluation's Ray tasks: shards of images, then each cell's analysis.
+
+``run_shard(ShardJob)`` loads the backbone, the explainer and the images *inside the task*
+(cached per worker process; no model is captured in a closure), explains its slice of the
+cell's images, scores them with ``harness.metrics.protocol.Evaluator`` and writes one row per
+image (``harness.metrics.aggregate`` lists the columns) to a Parquet file, atomically (a
+temporary name starting with '.', then ``os.replace``): a finished shard is never rewritten
+and a rerun skips it. The first shard of a cell also keeps the maps of its first images.
+
+``run_analysis(AnalysisJob)`` runs once all shards of a cell exist, on the same resources:
+the per-image table of the run, the overlay grid of the kept maps, and the error analysis,
+class gallery, shortcut figure and sanity randomisation of ``harness.results.analysis``. All
+per-image work happens in these tasks; the driver only aggregates rows and records files.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from harness.data.cache import atomic_write
+from harness.metrics import localisation
+from harness.metrics.aggregate import columns, read_rows
+from harness.metrics.protocol import Evaluator
+from harness.pipeline.plan import Cell, EvaluationPlan, ImageSet
+
+ROWS_VERSION = 2   # bumped whenever the rows a shard writes change (then shards are redone)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard: a slice of one cell's images, explained and scored in one Ray task."""
+
+    cell: Cell
+    images: ImageSet
+    evaluation: EvaluationPlan
+    checkpoint: str | None            # the L-CAM head (learned methods)
+    seed: int
+    shard: int
+    indices: tuple[int, ...]          # positions in the evaluation data set
+    out_path: str
+    save_maps: int = 0                # keep the first N images' maps (for the overlay grid)
+
+
+@dataclass(frozen=True)
+class AnalysisJob:
+    """The per-cell work after its shards: per-image table, overlays, figures, sanity."""
+
+    cell: Cell
+    images: ImageSet
+    evaluation: EvaluationPlan
+    checkpoint: str | None
+    seed: int
+    shard_paths: tuple[str, ...]
+    out_dir: str                      # the cell's artifacts folder
+
+
+@lru_cache(maxsize=4)
+def _load_backbone(name: str, weights: Any, device: str, channels_last: bool = False):
+    from harness.data.models import load_backbone
+    bb = load_backbone(name, weights=weights).to(device)
+    return bb.to(memory_format=torch.channels_last) if channels_last else bb
+
+
+@lru_cache(maxsize=4)
+def _load_dataset(images: ImageSet):
+    return images.build()
+
+
+def _prepare(cell: Cell, evaluation: EvaluationPlan, checkpoint: str | None):
+    """``(device, backbone, explainer)`` of a task, with its thread count set."""
+    import methods
+    torch.set_num_threads(evaluation.num_threads)
+    device = "cuda" if evaluation.gpus_per_task > 0 and torch.cuda.is_available() else "cpu"
+    backbone = _load_backbone(cell.backbone, cell.weights, device, evaluation.channels_last)
+    params = dict(cell.params, **({"checkpoint": checkpoint} if checkpoint else {}))
+    return device, backbone, methods.create(cell.method, backbone, variant=cell.variant, **params)
+
+
+def explain_batch(explainer, images: torch.Tensor, autocast: bool) -> torch.Tensor:
+    """The explainer's maps as float32; under autocast (bf16 on CPU, fp16 on CUDA) if asked.
+
+    Only the explanation runs in reduced precision: AD/IC are always scored in float32.
+    """
+    if not autocast:
+        return explainer.explain(images)
+    dtype = torch.float16 if images.device.type == "cuda" else torch.bfloat16
+    with torch.autocast(device_type=images.device.type, dtype=dtype):
+        return explainer.explain(images).float()
+
+
+def _test_fault(out: Path, shard: int) -> None:
+    """Test-only fault injection (tests/e2e/test_reliability.py), inert unless the variable is set.
+
+    ``HARNESS_TEST_KILL_SHARD=<method_id>:<shard>`` SIGKILLs the worker process running that
+    shard, once: the marker ``.killed-<shard file>`` beside the shard (atomic create) makes
+    the retry, and any later run on the same cache, compute it normally.
+    """
+    target = os.environ.get("HARNESS_TEST_KILL_SHARD")
+    if not target or target != f"{out.parent.name.rsplit('-', 1)[0]}:{shard}":
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(out.with_name(f".killed-{out.name}"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Rows:
+    """The per-image rows of one shard, filled batch by batch."""
+
+    def __init__(self, fractions):
+        self.fractions = fractions
+        self.data: dict[str, list] = {k: [] for k in (
+            "image_id", "class_explained", "ground_truth", "Y", *columns(fractions),
+            "degenerate", "forward_passes", "seconds", "shard", *localisation.COLUMNS)}
+
+    def add(self, items, scores, degenerate, energy, fw: float, seconds: float, shard: int):
+        d = self.data
+        for col in localisation.COLUMNS:
+            d[col] += energy[col]
+        for j, (_, label, image_id) in enumerate(items):
+            d["image_id"].append(str(image_id))
+            d["class_explained"].append(int(scores.targets[j]))
+            d["ground_truth"].append(int(label))
+            d["Y"].append(float(scores.y[j]))
+            for col, value in zip(columns(self.fractions), scores.o[j].tolist()):
+                d[col].append(float(value))
+            d["degenerate"].append(bool(degenerate[j]))
+            d["forward_passes"].append(float(fw))
+            d["seconds"].append(seconds)
+            d["shard"].append(shard)
+
+
+def run_shard(job: ShardJob) -> dict:
+    """Evaluate one shard and write its Parquet file; returns a small summary."""
+    out = Path(job.out_path)
+    if out.exists():
+        return {"shard": job.shard, "rows": pq.read_metadata(out).num_rows, "reused": True}
+    _test_fault(out, job.shard)
+    ev = job.evaluation
+    torch.manual_seed(job.seed + job.shard)
+    device, backbone, explainer = _prepare(job.cell, ev, job.checkpoint)
+    evaluator = Evaluator(backbone, ev.fractions, ev.preset)
+    dataset = _load_dataset(job.images)
+    rows, kept = _Rows(ev.fractions), {"images": [], "maps": [], "ids": []}
+    for start in range(0, len(job.indices), ev.batch_size):
+        indices = job.indices[start:start + ev.batch_size]
+        items = [dataset[i] for i in indices]
+        images = torch.stack([it[0] for it in items]).to(device, non_blocking=True)
+        if ev.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        t0 = time.perf_counter()
+        saliency = explain_batch(explainer, images, ev.autocast)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / len(items)
+        # Y from the explainer's clean pass (one forward fewer), unless it ran in reduced precision
+        scores = evaluator.evaluate(images, saliency,
+                                    logits=None if ev.autocast else explainer.last_logits)
+        rows.add(items, scores, scores.degenerate | explainer.last_degenerate,
+                 localisation.energy_columns(dataset, indices, saliency),
+                 explainer.last_forward_passes, seconds, job.shard)
+        room = job.save_maps - len(kept["ids"])
+        if room > 0:
+            kept["images"] += list(images[:room].cpu())
+            kept["maps"] += list(saliency[:room].cpu())
+            kept["ids"] += [str(it[2]) for it in items[:room]]
+    if kept["ids"]:
+        maps = {"images": torch.stack(kept["images"]), "maps": torch.stack(kept["maps"]),
+                "ids": kept["ids"]}
+        atomic_write(out.with_name(f"maps-{job.shard:05d}.pt"), lambda tmp: torch.save(maps, tmp))
+    write_table_atomic(pa.table(rows.data), out)
+    return {"shard": job.shard, "rows": len(rows.data["image_id"]), "reused": False}
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def run_analysis(job: AnalysisJob) -> dict:
+    """The per-cell work after its shards; returns ``{"metrics", "artifacts": [(path, dir)]}``
+    (``dir``: the MLflow artifact folder, None = the run's root)."""
+    from harness.results import analysis
+    from harness.results.overlays import save_overlay_grid
+    _, backbone, explainer = _prepare(job.cell, job.evaluation, job.checkpoint)
+    rows = read_rows(job.shard_paths)
+    out = Path(job.out_dir)
+    per_image = out / "per_image.parquet"
+    write_table_atomic(rows, per_image)
+    artifacts: list[tuple[str, str | None]] = [(str(per_image), None)]
+    maps = Path(job.shard_paths[0]).with_name("maps-00000.pt")
+    if maps.exists():
+        saved = torch.load(maps, weights_only=True)
+        png = save_overlay_grid(out / "overlays.png", saved["images"], saved["maps"],
+                                saved["ids"])
+        artifacts.append((str(png), None))
+    metrics: dict[str, float] = {}
+    if job.evaluation.overlays:
+        found = analysis.analyse(backbone, explainer, _load_dataset(job.images),
+                                 out / "analysis", per_image=rows, seed=job.seed,
+                                 sanity_images=1 if job.cell.family == "perturbation" else None)
+        metrics = found["metrics"]
+        artifacts += [(str(p), "analysis") for p in found["paths"]]
+    return {"metrics": metrics, "artifacts": artifacts}

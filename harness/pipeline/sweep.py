@@ -1,0 +1,252 @@
+"""Ray Tune sweeps of L-CAM's hyper-parameters (``python -m harness tune``, ``harness.cli.tune``).
+
+A sweep spec is a benchmark spec plus a ``sweep`` section (``harness.spec.sweep``): a search
+space over lambda1-4, lr, lr_decay and epochs, the metric (validation loss, or AD/IC at a
+kept fraction on a validation split held out of the training split, so disjoint from the
+evaluation set), the mode and the scheduler (ASHA by default, epochs as the resource).
+
+Each trial trains one head with the same code as ``run`` (``methods.lcam_train``: the
+optimiser, the loss and the batch step) and reports every epoch, so ASHA can stop bad
+trials early. Heads are small and Tune already spreads trials over the cluster's CPUs/GPUs
+(``cpus_per_trial``/``gpus_per_trial``), so a trial trains in its own process rather than
+as a nested multi-worker ``TorchTrainer``. Every trial is an MLflow child run of one sweep
+run (params = the trial's config). At the end: a table of the best trials, the best config
+as a ready-to-run benchmark spec (path printed) and the best head logged to MLflow.
+An interrupted sweep continues with ``--resume`` without redoing finished trials.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from harness.errors import UserError
+from harness.data.cache import cache_dir, write_text_atomic
+from harness.sweep import check_sweep
+
+
+class SweepExists(UserError):
+    """A sweep of this spec was started before and ``--resume`` was not given."""
+
+
+def search_space(sweep) -> dict:
+    from ray import tune
+    make = {"choice": lambda v: tune.choice(v), "grid": lambda v: tune.grid_search(v),
+            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    return {key: make[kind](values) for key, dist in sweep.space.items()
+            for kind, values in dist.items()}
+
+
+def split_indices(n: int, n_val: int, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded split of the training split into (train, validation) index lists."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(n_val, max(1, n // 5))
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def trial(config: dict, base: dict) -> None:
+    """One Tune trial: train a head epoch by epoch, validate, report, checkpoint."""
+    from ray import tune
+    from torch.utils.data import DataLoader, Subset
+
+    from harness.data.models import load_backbone
+    import methods
+    from harness.data.images import build_dataset
+    from harness.metrics.protocol import Evaluator
+    from methods.lcam import AttentionHead
+    from methods.lcam_train import TrainConfig, make_optimizer, run_epoch, seed_epoch
+
+    torch.set_num_threads(max(1, int(base["threads"])))
+    cfg_dict = dict(base["train"])
+    lambdas = list(cfg_dict.pop("lambdas"))
+    for i, key in enumerate(("lambda1", "lambda2", "lambda3", "lambda4")):
+        if key in config:
+            lambdas[i] = float(config[key])
+    for key in ("lr", "lr_decay", "epochs"):
+        if key in config:
+            cfg_dict[key] = config[key]
+    cfg = TrainConfig(**cfg_dict, lambdas=tuple(lambdas))
+    bb = load_backbone(base["backbone"], weights=base["weights"])
+    train_set = Subset(build_dataset(**base["data"], train=True), base["train_idx"])
+    val_set = Subset(build_dataset(**base["data"], train=False), base["val_idx"])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(train_set, batch_size=base["batch_size"], shuffle=True,
+                              generator=gen)
+    val_loader = DataLoader(val_set, batch_size=base["batch_size"])
+    torch.manual_seed(cfg.seed)
+    head = AttentionHead(bb.feature_channels, bb.num_classes)
+    optimizer, scheduler = make_optimizer(head, cfg)
+    start = 0
+    ckpt = tune.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / "head.pt", weights_only=True)
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optim"])
+        scheduler.load_state_dict(state["sched"])
+        start = state["epoch"] + 1
+    explainer = methods.create(base["method"], bb) if base["fraction"] else None
+    for epoch in range(start, cfg.epochs):
+        seed_epoch(cfg.seed, epoch, gen)      # a restored trial trains as an unbroken one
+        head.train()
+        train = run_epoch(bb, head, train_loader, cfg, optimizer)
+        scheduler.step()
+        head.eval()
+        with torch.no_grad():
+            val = run_epoch(bb, head, val_loader, cfg, None)
+        metrics = {"train_loss": train["loss"], "val_loss": val["loss"], "val_ce": val["ce"],
+                   "val_tv": val["tv"], "val_area": val["area"], "epoch": epoch + 1}
+        if explainer is not None:
+            explainer.head = head
+            ev = Evaluator(bb, (base["fraction"],))
+            ys, os_ = [], []
+            for images, _, _ in val_loader:
+                scores = ev.evaluate_explainer(explainer, images)
+                ys.append(scores.y)
+                os_.append(scores.o)
+            metrics.update(Evaluator.summarise(torch.cat(ys), torch.cat(os_), (base["fraction"],)))
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({"head": head.state_dict(), "optim": optimizer.state_dict(),
+                        "sched": scheduler.state_dict(), "epoch": epoch}, Path(d) / "head.pt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _base(spec, sweep) -> dict:
+    import backbones
+    import methods
+    from harness.data.images import build_dataset
+    from harness.pipeline.runner import data_kwargs
+    bspec = spec.backbone(sweep.backbone)
+    mspec = spec.method(sweep.method)
+    bb = load_backbone(bspec.name, weights=bspec.weights)     # trains an embedded one once
+    t = spec.train_for(bspec, mspec)
+    data = data_kwargs(spec, "train", bb.input_size, train=True)
+    data.pop("train")
+    n = len(build_dataset(**data, train=False))
+    train_idx, val_idx = split_indices(n, sweep.validation_images, spec.seed)
+    return {"backbone": bspec.name, "weights": bspec.weights, "method": mspec.name,
+            "data": data, "train_idx": train_idx, "val_idx": val_idx,
+            "batch_size": t.batch_size, "threads": sweep.cpus_per_trial,
+            "fraction": sweep.fraction(),
+            "train": {"mode": methods.method_class(mspec.name).mode, "epochs": t.epochs,
+                      "lr": t.lr, "lr_decay": t.lr_decay, "lambdas": list(t.lambdas),
+                      "variant": t.variant, "labels": t.labels, "seed": spec.seed}}
+
+
+def best_spec(spec, sweep, config: dict) -> dict:
+    """The base spec restricted to the tuned backbone, with the best train overrides."""
+    out = spec.to_dict()
+    out.pop("sweep", None)
+    out["name"] = f"{spec.name}-best"
+    out["backbones"] = [b for b in out["backbones"] if b["name"] == sweep.backbone]
+    for m in out["methods"]:
+        if m["id"] == sweep.method:
+            m["train"] = {**(m.get("train") or {}),
+                          **{k: (int(v) if k == "epochs" else float(v)) for k, v in config.items()}}
+            m["display_name"] = None
+    return out
+
+
+def run_sweep(spec, resume: bool = False, console=None) -> dict:
+    """Run (or resume) the sweep; returns the best config, metric and written paths."""
+    from harness.pipeline.ray_runtime import prepare_environment
+    from harness.pipeline.runner import init_ray, prepare_locations
+    uri = prepare_locations(spec)
+    prepare_environment(spec.ray.address)        # before ray is imported
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from rich.table import Table
+
+    from harness.terminal import make_console
+    from harness.results.tracking import Tracker, git_commit, package_versions
+
+    console = console or make_console()
+    sweep = spec.extras["sweep"]
+    name = f"{spec.name}-{spec.fingerprint()}"
+    storage = cache_dir() / "tune"
+    exp_dir = storage / name
+    if exp_dir.exists() and not resume:
+        raise SweepExists(f"a sweep of this spec already exists at {exp_dir}: pass --resume "
+                              "to continue it, or delete that folder to start over")
+    base = _base(spec, sweep)
+    max_t = max([base["train"]["epochs"]] + [int(v) for d in sweep.space.get("epochs", {}).values()
+                                             for v in d])
+    tracker = Tracker(spec.tracking.experiment or spec.name, uri)
+    parent = tracker.parent_run(f"sweep {spec.name}", spec.fingerprint(), {
+        "git_commit": git_commit(), **package_versions(), "harness_kind": "sweep",
+        "backbone": sweep.backbone, "method_id": sweep.method}, role="sweep")
+    init_ray(spec)
+    trainable = tune.with_resources(tune.with_parameters(trial, base=base),
+                                    {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
+    sched = sweep.scheduler
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                               grace_period=int(sched.get("grace_period", 1)),
+                               reduction_factor=int(sched.get("reduction_factor", 2)))
+                 if sched.get("name", "asha") == "asha" else FIFOScheduler())
+    callbacks = [MLflowLoggerCallback(tracking_uri=tracker.uri,
+                                      experiment_name=spec.tracking.experiment or spec.name,
+                                      tags={"mlflow.parentRunId": parent, "harness_role": "trial",
+                                            "backbone": sweep.backbone, "method_id": sweep.method},
+                                      save_artifact=False)]
+    if resume and tune.Tuner.can_restore(str(exp_dir)):
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True,
+                                   param_space=search_space(sweep))
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=search_space(sweep),
+            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
+                                        num_samples=sweep.num_samples, reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
+                                      verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    ok = False
+    try:
+        results = tuner.fit()
+        best = results.get_best_result(sweep.metric, sweep.mode, scope="all")
+        ok = best is not None and best.config is not None
+    finally:
+        if not ok:
+            tracker.finish(parent, ok=False)
+    rows = []
+    for r in results:
+        if r.metrics and sweep.metric in r.metrics:
+            hist = r.metrics_dataframe
+            score = (hist[sweep.metric].min() if sweep.mode == "min" else hist[sweep.metric].max())
+            rows.append((score, r.metrics.get("training_iteration", 0), r.config))
+    rows.sort(key=lambda x: x[0], reverse=sweep.mode == "max")
+    stopped = sum(1 for r in results if r.metrics and r.metrics.get("training_iteration", 0)
+                  < int(r.config.get("epochs", base["train"]["epochs"])))
+    table = Table(title=f"best trials of {spec.name} ({sweep.metric}, {sweep.mode})")
+    keys = sorted(sweep.space)
+    for col in ("rank", sweep.metric, "epochs run", *keys):
+        table.add_column(col, justify="right")
+    for i, (score, its, config) in enumerate(rows[:5], 1):
+        table.add_row(str(i), f"{score:.4g}", str(its), *(f"{config.get(k):.4g}" if
+                      isinstance(config.get(k), float) else str(config.get(k)) for k in keys))
+    console.print(table)
+    out_dir = cache_dir() / "sweeps" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best_config = {k: best.config[k] for k in sweep.space}
+    spec_path = out_dir / "best.yaml"
+    head_path = out_dir / "best_head.pt"
+    with best.get_best_checkpoint(sweep.metric, sweep.mode).as_directory() as d:
+        shutil.copyfile(Path(d) / "head.pt", head_path)
+    text = (f"# python -m harness run {spec_path}\n# best of sweep {name}: {sweep.metric} = "
+            f"{rows[0][0]:.6g} ({sweep.mode}); trained head: {head_path}\n"
+            + yaml.safe_dump(best_spec(spec, sweep, best_config), sort_keys=False))
+    write_text_atomic(spec_path, text)
+    tracker.log(parent, params={f"best.{k}": v for k, v in best_config.items()},
+                metrics={f"best_{sweep.metric}": rows[0][0], "trials": len(results),
+                         "stopped_early": stopped})
+    tracker.artifact(parent, spec_path)
+    tracker.artifact(parent, head_path)
+    tracker.finish(parent, ok=True)
+    console.print(f"{len(results)} trials, {stopped} stopped early by the scheduler.")
+    console.print(f"best config written as a benchmark spec: {spec_path}")
+    return {"best_config": best_config, "best_metric": rows[0][0], "spec_path": str(spec_path),
+            "head_path": str(head_path), "trials": len(results), "stopped_early": stopped,
+            "parent_run_id": parent, "experiment_dir": str(exp_dir)}

@@ -1,0 +1,106 @@
+"""Recording a run in MLflow: the runs of a plan, each cell's numbers and files, the tables.
+
+- ``open_runs``: the parent run of the spec and one child run per cell (``<backbone> <NN>
+  <method>``), with the tags and parameters known before anything is computed; an
+  interrupted run of the same spec is resumed, not duplicated (``Tracker``);
+- ``record_cell``: a finished cell's numbers (``harness.metrics.aggregate`` over its rows,
+  the localisation shares, what its analysis task measured), its provenance, and its files
+  (per-image table, overlays, figures, head, resolved spec);
+- ``show``: Table 1 per backbone in the terminal, the same tables and the AD/IC-vs-#FW plots
+  as artifacts of the parent run (``harness.results.report``), the experiment's saved
+  "Table 1" view and the link that opens it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from harness.metrics import localisation
+from harness.metrics.aggregate import aggregate, read_rows
+from harness.metrics.protocol import fraction_key
+from harness.pipeline.evaluation import CellWork
+from harness.pipeline.inputs import Inputs
+from harness.pipeline.plan import Plan
+from harness.results import table
+from harness.results.tracking import Tracker, git_commit, package_versions
+
+
+def common_tags(plan: Plan, extra: dict) -> dict[str, str]:
+    return {"git_commit": git_commit(), "protocol_preset": plan.evaluation.preset.name,
+            **package_versions(), **{str(k): str(v) for k, v in extra.items()}}
+
+
+def open_runs(plan: Plan, inputs: Inputs, tracker: Tracker, parent_id: str,
+              tags: dict[str, str]) -> dict[str, str]:
+    """One child run per cell under ``parent_id``: cell key -> run id."""
+    ev, runs = plan.evaluation, {}
+    for cell in plan.cells:
+        bb = inputs.backbones[cell.backbone]
+        runs[cell.key] = tracker.child_run(parent_id, cell.key, cell.run_name, {
+            **tags, "backbone": cell.backbone, "method": cell.method,
+            "method_id": cell.method_id, "display_name": cell.display_name,
+            "variant": cell.variant, "weights_id": bb.weights_id,
+            "feature_layer": bb.feature_layer,
+            "eval_list_hash": inputs.datasets[cell.backbone].list_hash})
+        tracker.log(runs[cell.key], params={
+            "backbone": cell.backbone, "weights": bb.weights_id, "seed": plan.seed,
+            "fractions": list(ev.fractions), "preset": json.dumps(ev.preset.as_dict())})
+    return runs
+
+
+def record_cell(plan: Plan, inputs: Inputs, work: CellWork, tracker: Tracker, run_id: str,
+                spec_file: Path) -> dict[str, float]:
+    """Log one finished cell (see the module docstring); returns its metrics."""
+    import methods
+    if work.error:
+        tracker.log(run_id, tags={"error": work.error})
+        tracker.finish(run_id, ok=False)
+        return {}
+    cell = work.cell
+    rows = read_rows(work.shard_paths)
+    metrics = aggregate(rows, plan.evaluation.fractions, cell.forward_passes,
+                        inputs.images(cell.backbone))
+    metrics.update(localisation.energy_metrics(rows))
+    metrics["skipped_images"] = float(inputs.datasets[cell.backbone].skipped)
+    metrics.update(work.analysis.get("metrics", {}))
+    explainer = methods.create(cell.method, inputs.backbones[cell.backbone],
+                               variant=cell.variant, **cell.params,
+                               **({"checkpoint": work.checkpoint} if work.checkpoint else {}))
+    info = explainer.describe()
+    tracker.log(run_id, metrics=metrics,
+                tags={k: v for k, v in info.items() if k == "rise_mask_hash"},
+                params={k: v for k, v in info.items() if k != "rise_mask_hash"})
+    for path, folder in work.analysis.get("artifacts", []):
+        tracker.artifact(run_id, Path(path), folder)
+    if work.checkpoint and Path(work.checkpoint).exists():
+        tracker.artifact(run_id, Path(work.checkpoint), "head")
+    tracker.artifact(run_id, spec_file)
+    tracker.finish(run_id)
+    return metrics
+
+
+def show(plan: Plan, inputs: Inputs, metrics: dict[str, dict], tracker: Tracker,
+         parent_id: str, out_dir: Path, console) -> None:
+    """Table 1 per backbone; tables, plots and the saved view in MLflow; where to look."""
+    cols = table.metric_columns([fraction_key(f) for f in plan.evaluation.fractions])
+    for name in plan.backbones:
+        rows = [{"method": c.display_name, **metrics[c.key]} for c in plan.cells_of(name)
+                if metrics.get(c.key)]
+        if not rows:
+            continue
+        console.print(table.rich_table(f"{name} ({inputs.weights_id(name)}), "
+                                       f"{rows[0].get('images', 0):.0f} images", rows, cols))
+        bad = inputs.datasets[name].bad
+        if bad:    # data.on_bad_image: skip
+            console.print(f"{len(bad)} image{'s' if len(bad) > 1 else ''} skipped "
+                          "(data.on_bad_image: skip): " + "; ".join(r for _, r in bad[:5])
+                          + ("; ..." if len(bad) > 5 else ""),
+                          markup=False, highlight=False, soft_wrap=True)
+    if any(metrics.values()):
+        from harness.results import report
+        data = report.collect(tracker.client, tracker.client.get_run(parent_id))
+        for path in report.write_report(data, out_dir):
+            tracker.artifact(parent_id, path, "report")
+        tracker.publish_view(cols)
+    console.print(f"MLflow: {tracker.uri} (experiment '{plan.experiment}', run {parent_id})")
+    console.print(f"MLflow UI: {tracker.ui_link()}")

@@ -1,0 +1,257 @@
+"""The sections of a spec, each declared once as a pydantic model: train, data, evaluation,
+sharding, tracking, storage and ray.
+
+Every field carries its type (``harness.spec.values``), default, range (``ge``/``gt``/``le``/
+``lt``), choices (``Literal``) and help (``description``); the defaults a spec resolves to,
+the checks and the reference text (``harness.spec.reference``) are all read from here. A
+rule that involves only one section is a validator on it; rules that need the file system,
+the registries or several sections are in ``harness.spec.rules``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator,
+                      Field, PlainSerializer, Tag, WrapValidator, create_model, field_validator,
+                      model_validator)
+
+from harness.spec.values import Bool, Float, Int, Str, describe, problem
+
+SAFE_TAG = re.compile(r"^[A-Za-z0-9_.\-/ ]+$")         # MLflow tag keys
+
+
+class Section(BaseModel):
+    """Base of every spec model: unknown keys refused, values never coerced between types.
+
+    ``messages`` words problems specific to one field: {(field, pydantic error type):
+    template}, the template formatted with ``found`` (the value, described) and ``value``
+    (its repr). ``unknown_key`` words an unknown key (default: the generic message)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    messages: ClassVar[dict[tuple[str, str], str]] = {}
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The keys a spec may write in this section (aliases where a field has one)."""
+        return [f.alias or n for n, f in cls.model_fields.items() if not f.exclude]
+
+    @classmethod
+    def unknown_key(cls, key: Any) -> str | None:
+        """A message for an unknown ``key``, or None for the generic one."""
+        return None
+
+
+def as_plain(convert=None) -> tuple:
+    """``Annotated`` metadata for a model-typed field that validates a mapping as the model
+    (null: {}) but stores ``convert(validated)``, by default the plain dict of the keys it
+    set (e.g. the partial ``train`` overrides of a method)."""
+    convert = convert or (lambda m: m.model_dump(exclude_unset=True))
+    return (WrapValidator(lambda value, handler: convert(handler(value))),
+            BeforeValidator(lambda v: {} if v is None else v), PlainSerializer(lambda v: v))
+
+
+# -- train -----------------------------------------------------------------------------------
+SEARCHABLE = {"sweep": True}      # json_schema_extra of a field a sweep may search
+
+
+class TrainSection(Section):
+    """L-CAM head training (Ray Train); defaults are the paper's VGG-16 recipe
+    (docs/protocol.md). A field marked ``SEARCHABLE`` may be a ``sweep.space`` key."""
+
+    epochs: Int = Field(7, ge=1, description="passes over the training images",
+                        json_schema_extra=SEARCHABLE)
+    batch_size: Int = Field(64, ge=1, description="images per optimiser step (all workers)")
+    lr: Float = Field(1e-4, gt=0, json_schema_extra=SEARCHABLE, description=(
+        "SGD learning rate; write 1.0e-4 (YAML reads 1e-4 as a string; accepted)"))
+    lr_decay: Float = Field(0.75, gt=0, le=1, description="lr factor per epoch",
+                            json_schema_extra=SEARCHABLE)
+    lambda1: Float = Field(0.01, ge=0, description="weight of the TV term",
+                           json_schema_extra=SEARCHABLE)
+    lambda2: Float = Field(2.0, ge=0, description="weight of the area term",
+                           json_schema_extra=SEARCHABLE)
+    lambda3: Float = Field(1.5, ge=0, description="weight of the cross-entropy term",
+                           json_schema_extra=SEARCHABLE)
+    lambda4: Float = Field(0.3, gt=0, description="power of the area term",
+                           json_schema_extra=SEARCHABLE)
+    variant: Literal["paper", "reference"] = Field(
+        "paper", description="the loss as in the paper, or as in the authors' code")
+    labels: Literal["model", "ground_truth"] = Field(
+        "model", description="train on the backbone's top-1, or on the true labels")
+    workers: Int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    use_gpu: Bool = Field(False, description="one GPU per worker")
+
+    @property
+    def lambdas(self) -> tuple[float, float, float, float]:
+        return (self.lambda1, self.lambda2, self.lambda3, self.lambda4)
+
+    @property
+    def ce_only(self) -> bool:
+        """The paper's starred ablation: no TV and no area term."""
+        return self.lambda1 == 0 and self.lambda2 == 0
+
+    def merged(self, overrides: dict[str, Any] | None) -> "TrainSection":
+        """A copy with ``overrides`` (already checked keys of this section) applied."""
+        return self.model_copy(update=overrides or {})
+
+
+def partial_of(model: type[Section], name: str) -> type[Section]:
+    """``model`` with every field optional and unset by default (types and ranges kept)."""
+    fields = {n: (Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation,
+                  Field(None, description=f.description)) for n, f in model.model_fields.items()}
+    partial = create_model(name, __base__=Section, **fields)
+    partial.full = model            # for the default named in "null is not allowed" messages
+    return partial
+
+
+TrainOverrides = partial_of(TrainSection, "TrainOverrides")
+TrainOverridesField = Annotated[TrainOverrides, *as_plain()]
+
+
+# -- data ------------------------------------------------------------------------------------
+class DataSection(Section):
+    """Where images come from and which are evaluated."""
+
+    kind: Literal["quickstart", "imagenet"] = Field(
+        "quickstart", description="quickstart: generated on first use (offline)")
+    root: Str | None = Field(None, description="imagenet: the folder with train/ and val/")
+    list_file: Str | None = Field(None, description=(
+        "an evaluation list (Evaluation_2000.txt format) or builtin:Evaluation_2000"))
+    random_count: Int | None = Field(None, ge=1, description=(
+        "a seeded random draw of N evaluation images"))
+    limit: Int | None = Field(None, ge=1, description="the first N evaluation images")
+    train_limit: Int | None = Field(None, ge=1, description=(
+        "cap on the training images of the L-CAM heads"))
+    on_bad_image: Literal["stop", "skip"] = Field(
+        "stop", description="an unreadable image stops the run, or is skipped and counted")
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> "DataSection":
+        if self.list_file is not None and self.random_count is not None:
+            raise problem("conflicts with data.list_file: the list names the images; remove "
+                          "one of them", at=["random_count"])
+        return self
+
+
+# -- evaluation ------------------------------------------------------------------------------
+class PresetSection(Section):
+    """A custom AD/IC protocol (``harness.metrics.protocol.ProtocolPreset``); defaults = the paper."""
+
+    soft: Bool = Field(True, description="soft (saliency-weighted) masking")
+    fill: Literal["black", "mean"] = Field("black", description="removed pixels' colour")
+    score: Literal["prob", "logit"] = Field("prob", description="the class score compared")
+
+
+def _fraction(value: float) -> float:
+    if not 0 < value <= 1:
+        hint = f" To keep the top {value:g}%, write {value / 100:g}." if 1 < value <= 100 else ""
+        raise problem(f"{value:g} is not a fraction in (0, 1].{hint}")
+    return value
+
+
+def _preset_value(value: Any, handler) -> str | dict:
+    out = handler(value)
+    if isinstance(out, PresetSection):
+        out = out.model_dump()
+        return "paper" if out == PresetSection().model_dump() else out
+    return out
+
+
+Fraction = Annotated[Float, AfterValidator(_fraction)]
+Preset = Annotated[
+    Union[Annotated[Literal["paper"], Tag("paper")], Annotated[PresetSection, Tag("custom")]],
+    Discriminator(lambda v: "custom" if isinstance(v, (dict, PresetSection)) else "paper"),
+    WrapValidator(_preset_value), PlainSerializer(lambda v: v)]
+
+
+class EvaluationSection(Section):
+    """AD/IC evaluation: kept fractions, batch size, protocol preset, overlays, precision."""
+
+    messages: ClassVar = {
+        ("preset", "literal_error"): "expected 'paper' or a mapping {{soft: true|false, fill: "
+                                     "black|mean, score: prob|logit}}, got {found}",
+        ("keep_fractions", "too_short"): "expected a non-empty list of fractions in (0, 1], "
+                                         "got {found}",
+        ("keep_fractions", "list_type"): "expected a non-empty list of fractions in (0, 1], "
+                                         "got {found}"}
+
+    keep_fractions: list[Fraction] = Field(
+        default_factory=lambda: [1.0, 0.5, 0.15], min_length=1,
+        description="fractions of the saliency kept (AD/IC at each)")
+    batch_size: Int = Field(16, ge=1, description="images per explanation batch")
+    preset: Preset = Field("paper", description=(
+        "the protocol: paper, or {soft: true|false, fill: black|mean, score: prob|logit}"))
+    overlays: Int = Field(8, ge=0, description="saliency overlays logged per run")
+    autocast: Bool = Field(False, description=(
+        "explain in bf16 (CPU) / fp16 (GPU); AD/IC still scored in float32"))
+    channels_last: Bool = Field(False, description=(
+        "backbone and images in channels_last memory format"))
+
+    @field_validator("keep_fractions")
+    @classmethod
+    def _distinct(cls, fractions: list[float]) -> list[float]:
+        for i, value in enumerate(fractions):
+            if value in fractions[:i]:
+                raise problem(f"{value:g} is listed twice", at=[i])
+        return fractions
+
+    def protocol_preset(self):
+        """The ``harness.metrics.protocol.ProtocolPreset`` this section names."""
+        from harness.metrics.protocol import PAPER, ProtocolPreset
+        return PAPER if self.preset == "paper" else ProtocolPreset(name="custom", **self.preset)
+
+
+# -- resources and records -------------------------------------------------------------------
+class ShardingSection(Section):
+    """How the evaluation is split into Ray tasks."""
+
+    images_per_task: Int = Field(50, ge=1, description="evaluation images per Ray task")
+    cpus_per_task: Float = Field(1.0, gt=0, description="CPUs per task")
+    gpus_per_task: Float = Field(0.0, ge=0, description="GPUs per task (fractions share one)")
+    max_retries: Int = Field(3, ge=0, description="retries of a failed task")
+
+
+def _tag_key(key: str) -> str:
+    if not SAFE_TAG.match(key):
+        raise problem("tag keys may use only letters, digits, '_ - . / ' and spaces")
+    return key
+
+
+def _tag_value(value: Any) -> str:
+    if not isinstance(value, str):
+        raise problem(f"tag values are strings, got {describe(value)}; quote it: '{value}'")
+    return value
+
+
+class TrackingSection(Section):
+    """MLflow: the experiment, the store and extra tags of every run."""
+
+    experiment: Str | None = Field(None, description="default: the spec name")
+    uri: Str | None = Field(None, description=(
+        "MLflow store; default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db"))
+    tags: Annotated[dict[Annotated[Str, AfterValidator(_tag_key)],
+                         Annotated[Any, AfterValidator(_tag_value)]],
+                    BeforeValidator(lambda v: {} if v is None else v)] = Field(
+        default_factory=dict, description="extra tags of every run (strings)")
+
+
+class StorageSection(Section):
+    """Where generated data, weights, heads, shards and Ray results go."""
+
+    uri: Str | None = Field(None, description=(
+        "a folder; default: HARNESS_CACHE_DIR, else ./.harness-cache"))
+
+
+class RaySection(Section):
+    """Where Ray runs: a local Ray (address null) or a cluster."""
+
+    address: Str | None = Field(None, description=(
+        "null: local Ray, or the cluster inside a Ray job"))
+    num_cpus: Int | None = Field(None, ge=1, description="CPUs of the local Ray")
+
+    @model_validator(mode="after")
+    def _local_only(self) -> "RaySection":
+        if self.address is not None and self.num_cpus is not None:
+            raise problem("conflicts with ray.address: num_cpus sizes a local Ray only (a "
+                          "cluster has its own resources); remove one", at=["num_cpus"])
+        return self

@@ -1,0 +1,65 @@
+"""``python -m harness bench`` on tiny settings: every method timed, #FW nominal and measured.
+
+Runs ``harness.bench.driver.main`` in-process on ResNet-50 (random init) at 64x64 (A is 2x2x2048),
+with a few RISE masks and Score-CAM channels and one thread (two OpenMP threads can stall
+for seconds on a loaded machine), and checks the JSON it writes atomically.
+Timing values are only checked to be positive: latency targets are verified by running the
+benchmark itself (see harness/bench.py), not by the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from harness.bench import driver as bench
+
+
+def _args(tmp_path, **over) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    argv = ["--backbones", "resnet50", "--size", "64", "--batch", "2", "--threads", "1",
+            "--repeats", "2",
+            "--warmup", "1", "--costly-repeats", "1", "--rise-masks", "6",
+            "--scorecam-channels", "6", "--eval-images", "2", "--out",
+            str(tmp_path / "out" / "bench.json")]
+    args = parser.parse_args(argv)
+    for k, v in over.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_bench_tiny_run_writes_every_method(tmp_path, capsys):
+    args = _args(tmp_path)
+    assert bench.main(args) == 0
+    path = tmp_path / "out" / "bench.json"
+    data = json.loads(path.read_text())
+    assert not list(path.parent.glob(".*")), "temporary file left behind"
+    r = data["backbones"]["resnet50"]
+    assert r["floor"]["ms_per_image"]["median"] > 0
+    assert set(r["methods"]) == set(bench.OURS + bench.LIBRARY)
+    for key, m in r["methods"].items():
+        assert m["ms_per_image"]["median"] > 0 and m["ms_per_image"]["min"] > 0, key
+        assert m["ratio"]["median"] > 0 and math.isfinite(m["ratio"]["median"]), key
+        assert m["fw_nominal"] >= 1 and m["fw_run"] >= 1, key
+        assert m["fw_measured"] >= 0 and m["passes_counted"] >= 1, key
+        assert m["peak_mib"] is not None and m["peak_mib"] >= 0, key
+    ours = r["methods"]
+    assert ours["rise"]["fw_nominal"] == 8000 and ours["rise"]["fw_run"] == 6
+    assert ours["rise"]["fw_measured"] == 6 and ours["rise"]["passes_counted"] == 7
+    assert ours["scorecam"]["fw_nominal"] == 2048 and ours["scorecam"]["fw_run"] == 6
+    assert ours["scorecam"]["fw_measured"] <= 6
+    assert r["methods"]["pgc_scorecam"]["fw_measured"] == 6
+    for key in ("gradcam", "gradcampp", "lcam_fm", "lcam_img", "pgc_gradcam"):
+        assert ours[key]["fw_measured"] == 1 and ours[key]["passes_counted"] == 1, key
+    assert {t["method"] for t in data["targets"]} >= set(bench.OURS)
+    assert set(r["rise_memory"]["masks_to_peak_mib"]) == {"2", "8"}
+    for name in ("head_only", "lcam_fm", "lcam_img"):
+        assert r["train"][name]["images_per_s"] > 0
+    assert r["eval"]["run_shard"]["images_per_s"] > 0, r["eval"]
+    assert "Score-CAM" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_method(tmp_path, capsys):
+    assert bench.main(_args(tmp_path, methods=["score-cam"])) == 2
+    assert "score-cam" in capsys.readouterr().err
