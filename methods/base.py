@@ -4,14 +4,12 @@ Every method computes a saliency map V (B, H, W) in [0, 1] at input resolution f
 class it is asked to explain (default: the backbone's top-1 on the clean image, the
 "model truth"). Subclasses override one step, ``_saliency``; the template does the rest.
 
-Min-max normalisation follows protocol.md: a constant map (max == min, or any NaN/inf)
+Min-max normalisation follows docs/protocol.md section 2.3: a constant map (max == min, or any NaN/inf)
 is *degenerate* and normalises to all zeros; ``last_degenerate`` records which were.
 """
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -19,90 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones.registry import did_you_mean
-from harness.spec.values import (bounds_text, expected, not_one_of, null_refused,
-                                 out_of_range, within)
+
+from .params import Param, param_problem  # noqa: F401  (Param: the methods' declarations)
 
 
 class ExplainerInputError(ValueError):
     """Bad arguments to ``create`` or ``explain``; the message names the argument."""
-
-
-@dataclass(frozen=True)
-class Param:
-    """A typed method parameter: its type(s), default, help text, and the values it accepts.
-
-    ``default=None`` means "unset" (e.g. RISE's mask count depends on the backbone): None is
-    then accepted; elsewhere it is refused. ``ge``/``gt``/``le``/``lt`` bound a number,
-    ``choices`` lists the accepted values. ``param_problem`` checks a value against this
-    declaration, for ``Explainer.__init__`` and for specs (``harness.spec.params``) alike.
-    """
-
-    type: type | tuple
-    default: Any
-    help: str = ""
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-    choices: tuple = ()
-
-    @property
-    def types(self) -> tuple:
-        return self.type if isinstance(self.type, tuple) else (self.type,)
-
-    @property
-    def kind(self) -> str:
-        """'number' (float accepted), 'int', 'bool' or 'str'."""
-        types = self.types
-        if float in types:
-            return "number"
-        return "int" if int in types else "bool" if bool in types else "str"
-
-    @property
-    def bounds(self) -> dict[str, float]:
-        return {k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le),
-                                  ("lt", self.lt)) if v is not None}
-
-    def accepts(self) -> str:
-        """What the parameter accepts, e.g. 'int >= 1, or null' or 'mean | black'."""
-        if self.choices:
-            text = " | ".join(map(str, self.choices))
-        else:
-            text = {"number": "number", "int": "int", "bool": "true | false"}.get(
-                self.kind, "string")
-            if self.bounds:
-                text += " " + bounds_text(**self.bounds)
-        return text + (", or null" if self.default is None else "")
-
-
-def _type_ok(value: Any, param: Param) -> bool:
-    kind = param.kind
-    if isinstance(value, bool):
-        return kind == "bool"
-    if kind == "number":
-        return isinstance(value, (int, float))
-    return isinstance(value, {"int": int, "bool": bool}.get(kind, param.types))
-
-
-def param_problem(name: str, param: Param, value: Any) -> str | None:
-    """What is wrong with ``value`` for the parameter ``name`` (None: nothing).
-
-    The one check of a parameter value: ``Explainer.__init__`` raises it (prefixed with the
-    method and parameter) and a spec reports it at ``methods[i].params.<name>``.
-    """
-    if value is None:
-        return None if param.default is None else null_refused(param.default)
-    if param.choices and not isinstance(value, bool) and value in param.choices:
-        return None
-    if param.choices:
-        return not_one_of(value, param.choices)
-    if not _type_ok(value, param):
-        return expected(param.kind, value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return expected("number", value)
-    if param.bounds and not within(value, **param.bounds):
-        return out_of_range(value, name, bounds_text(**param.bounds))
-    return None
 
 
 def minmax(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,17 +22,18 @@ def first_comment(path: Path) -> str:
 
 
 def methods_table():
+    """Every method with its variants and parameters (default and accepted values, from the
+    same declarations the spec checks them against)."""
     from rich.table import Table
 
     import methods
+    from harness.spec import method_params_rows
     t = Table(title="methods", title_justify="left")
-    for col in ("name", "display", "family", "variants", "params", "paper"):
+    for col in ("name", "display", "family", "variants", "params (default, accepted)", "paper"):
         t.add_column(col, overflow="fold", no_wrap=col == "name")
-    for name in methods.names():
+    for name, variants, params in method_params_rows():
         cls = methods.method_class(name)
-        params = ", ".join(f"{k}={p.default!r}" for k, p in cls.params.items()) or "-"
-        t.add_row(name, cls.display_name, cls.family, ", ".join(cls.variants), params,
-                  getattr(cls, "paper", ""))
+        t.add_row(name, cls.display_name, cls.family, variants, params, cls.paper)
     return t
 
 

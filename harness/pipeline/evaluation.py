@@ -9,8 +9,8 @@ new spec that shares a cell, recomputes nothing.
 
 ``evaluate`` submits every missing shard (``harness.pipeline.shards.run_shard``, retried by
 Ray ``max_retries`` times on a lost worker or an error) and, as soon as all shards of a cell
-exist, that cell's analysis task (``run_analysis``). A cell whose shards fail is reported as
-failed; the other cells go on.
+exist, that cell's analysis task (``run_analysis``; its result is kept beside the shards and
+reused). A cell whose shards fail is reported as failed; the other cells go on.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import methods
 from harness.data.cache import file_hash, stable_hash
 from harness.pipeline.inputs import Inputs
 from harness.pipeline.plan import Cell, Plan
-from harness.pipeline.shards import ROWS_VERSION, AnalysisJob, ShardJob, run_analysis, run_shard
+from harness.pipeline.shards import (ROWS_VERSION, AnalysisJob, ShardJob, finished_analysis,
+                                     run_analysis, run_shard)
 
 
 @dataclass
@@ -79,8 +80,17 @@ def _error(err: Exception) -> str:
 
 
 def evaluate(plan: Plan, works: list[CellWork],
-             progress: Callable[[str, int, int | None], None]) -> None:
-    """Run the missing shards, then each cell's analysis; fills ``work.error``/``.analysis``."""
+             progress: Callable[[str, int, int | None], None],
+             start_ray: Callable[[], None]) -> None:
+    """Run the missing shards, then each cell's analysis; fills ``work.error``/``.analysis``.
+    ``start_ray()`` is called first unless every shard and analysis exists already."""
+    if all(Path(j.out_path).exists() for w in works for j in w.jobs) and all(
+            finished_analysis(w.shard_dir / "artifacts") for w in works):
+        for work in works:
+            work.analysis = finished_analysis(work.shard_dir / "artifacts")
+            progress(f"evaluate {work.cell.key}", len(work.jobs) + 1, len(work.jobs) + 1)
+        return
+    start_ray()
     import ray
     ev = plan.evaluation
     options = dict(num_cpus=ev.cpus_per_task, num_gpus=ev.gpus_per_task,
@@ -106,7 +116,11 @@ def evaluate(plan: Plan, works: list[CellWork],
         for job in todo:
             pending[shard_task.remote(job)] = (work, "shard")
         if not todo:
-            analyse(work)
+            work.analysis = finished_analysis(work.shard_dir / "artifacts") or {}
+            if work.analysis:
+                progress(f"evaluate {key}", len(work.jobs) + 1, len(work.jobs) + 1)
+            else:
+                analyse(work)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         work, kind = pending.pop(ready[0])

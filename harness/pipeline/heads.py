@@ -254,15 +254,17 @@ def _fit_name(group: HeadGroup, files: list[Path]) -> str:
 
 
 def train_heads(plan: Plan, inputs: Inputs, root: Path, tracking_uri: str,
-                run_ids: dict[str, str], progress) -> dict[str, Path]:
+                run_ids: dict[str, str], progress, start_ray) -> dict[str, Path]:
     """Train every head not in the cache (one Ray Train fit per group, resumable); returns
-    ``head_files``. ``progress(label, done, total)`` follows the epochs of each fit."""
+    ``head_files``. ``progress(label, done, total)`` follows the epochs of each fit;
+    ``start_ray()`` is called before the first fit (never if every head exists)."""
     files = head_files(plan, inputs, root)
     for group in plan.head_groups:
         missing = [h for h in group.heads
                    if not files[f"{group.backbone}/{h.method_id}"].exists()]
         if not missing:
             continue
+        start_ray()
         group = dataclasses.replace(group, heads=tuple(missing))
         paths = {h.method_id: files[f"{group.backbone}/{h.method_id}"] for h in missing}
         name = _fit_name(group, list(paths.values()))

@@ -105,12 +105,12 @@ def run_benchmark(spec, console: Console | None = None) -> RunResult:
             bars = _Bars(progress)
             load_backbones(plan, inputs, bars)
             run_ids = open_runs(plan, inputs, tracker, parent_id, tags)
-            init_ray(spec)
-            heads = train_heads(plan, inputs, root, tracker.uri, run_ids, bars)
+            start_ray = lambda: init_ray(spec)     # noqa: E731  (only when there is work)
+            heads = train_heads(plan, inputs, root, tracker.uri, run_ids, bars, start_ray)
             works = shard_jobs(plan, inputs, {k: str(v) for k, v in heads.items()}, root)
             for work in works:          # where the per-image rows of this run live
                 tracker.log(run_ids[work.cell.key], tags={"shard_dir": str(work.shard_dir)})
-            evaluate(plan, works, bars)
+            evaluate(plan, works, bars, start_ray)
         for work in works:
             result.metrics[work.cell.key] = record_cell(plan, inputs, work, tracker,
                                                         run_ids[work.cell.key], spec_file)

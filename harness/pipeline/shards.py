@@ -14,6 +14,7 @@ per-image work happens in these tasks; the driver only aggregates rows and recor
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -25,13 +26,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from harness.data.cache import atomic_write
+from harness.data.cache import atomic_write, write_text_atomic
 from harness.metrics import localisation
 from harness.metrics.aggregate import columns, read_rows
 from harness.metrics.protocol import Evaluator
 from harness.pipeline.plan import Cell, EvaluationPlan, ImageSet
 
 ROWS_VERSION = 2   # bumped whenever the rows a shard writes change (then shards are redone)
+ANALYSIS_FILE = "analysis.json"    # a cell's analysis result; its presence means "done"
 
 
 @dataclass(frozen=True)
@@ -211,4 +213,13 @@ def run_analysis(job: AnalysisJob) -> dict:
                                  sanity_images=1 if job.cell.family == "perturbation" else None)
         metrics = found["metrics"]
         artifacts += [(str(p), "analysis") for p in found["paths"]]
-    return {"metrics": metrics, "artifacts": artifacts}
+    result = {"metrics": metrics, "artifacts": artifacts}
+    write_text_atomic(out / ANALYSIS_FILE, json.dumps(result, indent=1))   # written last
+    return result
+
+
+def finished_analysis(out_dir: str | Path) -> dict | None:
+    """The result of a cell's analysis task that ran before (its folder is the cell's
+    identity, so the same inputs), or None."""
+    path = Path(out_dir) / ANALYSIS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -16,16 +16,20 @@ An interrupted sweep continues with ``--resume`` without redoing finished trials
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from harness.errors import UserError
 from harness.data.cache import cache_dir, write_text_atomic
-from harness.sweep import check_sweep
+from harness.pipeline.plan import ImageSet, image_set, train_config
+from methods.lcam_train import TrainConfig
 
 
 class SweepExists(UserError):
@@ -47,48 +51,78 @@ def split_indices(n: int, n_val: int, seed: int) -> tuple[list[int], list[int]]:
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
-def trial(config: dict, base: dict) -> None:
+@dataclass(frozen=True)
+class TrialBase:
+    """What every trial of a sweep shares (plain data, sent to each trial process)."""
+
+    backbone: str
+    weights: Any
+    method: str
+    images: ImageSet                   # the training split, training transform
+    train_idx: tuple[int, ...]
+    val_idx: tuple[int, ...]           # held out of the training split (validation)
+    batch_size: int
+    threads: int
+    fraction: float | None             # the kept fraction of an AD/IC metric, else None
+    config: TrainConfig                # the spec's training of the method (plan.train_config)
+
+    def trial_config(self, searched: dict) -> TrainConfig:
+        """The base config with a trial's sampled values (lambda1-4, lr, lr_decay, epochs)."""
+        lambdas = [float(searched.get(f"lambda{i + 1}", v))
+                   for i, v in enumerate(self.config.lambdas)]
+        plain = {k: searched[k] for k in ("lr", "lr_decay", "epochs") if k in searched}
+        return dataclasses.replace(self.config, lambdas=tuple(lambdas), **plain)
+
+
+def _resume(head, optimizer, scheduler) -> int:
+    from ray import tune
+    ckpt = tune.get_checkpoint()
+    if not ckpt:
+        return 0
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / "head.pt", weights_only=True)
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optim"])
+    scheduler.load_state_dict(state["sched"])
+    return state["epoch"] + 1
+
+
+def _explanation_metrics(bb, explainer, head, loader, fraction: float) -> dict[str, float]:
+    """AD and IC at ``fraction`` of the trial's head on the validation images."""
+    from harness.metrics.protocol import Evaluator
+    explainer.head = head
+    ev, ys, os_ = Evaluator(bb, (fraction,)), [], []
+    for images, _, _ in loader:
+        scores = ev.evaluate_explainer(explainer, images)
+        ys.append(scores.y)
+        os_.append(scores.o)
+    return Evaluator.summarise(torch.cat(ys), torch.cat(os_), (fraction,))
+
+
+def trial(config: dict, base: TrialBase) -> None:
     """One Tune trial: train a head epoch by epoch, validate, report, checkpoint."""
     from ray import tune
     from torch.utils.data import DataLoader, Subset
 
-    from harness.data.models import load_backbone
     import methods
-    from harness.data.images import build_dataset
-    from harness.metrics.protocol import Evaluator
+    from harness.data.models import load_backbone
     from methods.lcam import AttentionHead
-    from methods.lcam_train import TrainConfig, make_optimizer, run_epoch, seed_epoch
+    from methods.lcam_train import make_optimizer, run_epoch, seed_epoch
 
-    torch.set_num_threads(max(1, int(base["threads"])))
-    cfg_dict = dict(base["train"])
-    lambdas = list(cfg_dict.pop("lambdas"))
-    for i, key in enumerate(("lambda1", "lambda2", "lambda3", "lambda4")):
-        if key in config:
-            lambdas[i] = float(config[key])
-    for key in ("lr", "lr_decay", "epochs"):
-        if key in config:
-            cfg_dict[key] = config[key]
-    cfg = TrainConfig(**cfg_dict, lambdas=tuple(lambdas))
-    bb = load_backbone(base["backbone"], weights=base["weights"])
-    train_set = Subset(build_dataset(**base["data"], train=True), base["train_idx"])
-    val_set = Subset(build_dataset(**base["data"], train=False), base["val_idx"])
+    torch.set_num_threads(max(1, base.threads))
+    cfg = base.trial_config(config)
+    bb = load_backbone(base.backbone, weights=base.weights)
+    train_set = Subset(base.images.build(), list(base.train_idx))
+    val_set = Subset(dataclasses.replace(base.images, train=False).build(), list(base.val_idx))
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_set, batch_size=base["batch_size"], shuffle=True,
+    train_loader = DataLoader(train_set, batch_size=base.batch_size, shuffle=True,
                               generator=gen)
-    val_loader = DataLoader(val_set, batch_size=base["batch_size"])
+    val_loader = DataLoader(val_set, batch_size=base.batch_size)
     torch.manual_seed(cfg.seed)
     head = AttentionHead(bb.feature_channels, bb.num_classes)
     optimizer, scheduler = make_optimizer(head, cfg)
-    start = 0
-    ckpt = tune.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "head.pt", weights_only=True)
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optim"])
-        scheduler.load_state_dict(state["sched"])
-        start = state["epoch"] + 1
-    explainer = methods.create(base["method"], bb) if base["fraction"] else None
+    start = _resume(head, optimizer, scheduler)
+    explainer = methods.create(base.method, bb) if base.fraction else None
     for epoch in range(start, cfg.epochs):
         seed_epoch(cfg.seed, epoch, gen)      # a restored trial trains as an unbroken one
         head.train()
@@ -100,40 +134,27 @@ def trial(config: dict, base: dict) -> None:
         metrics = {"train_loss": train["loss"], "val_loss": val["loss"], "val_ce": val["ce"],
                    "val_tv": val["tv"], "val_area": val["area"], "epoch": epoch + 1}
         if explainer is not None:
-            explainer.head = head
-            ev = Evaluator(bb, (base["fraction"],))
-            ys, os_ = [], []
-            for images, _, _ in val_loader:
-                scores = ev.evaluate_explainer(explainer, images)
-                ys.append(scores.y)
-                os_.append(scores.o)
-            metrics.update(Evaluator.summarise(torch.cat(ys), torch.cat(os_), (base["fraction"],)))
+            metrics.update(_explanation_metrics(bb, explainer, head, val_loader, base.fraction))
         with tempfile.TemporaryDirectory() as d:
             torch.save({"head": head.state_dict(), "optim": optimizer.state_dict(),
                         "sched": scheduler.state_dict(), "epoch": epoch}, Path(d) / "head.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-def _base(spec, sweep) -> dict:
-    import backbones
-    import methods
-    from harness.data.images import build_dataset
-    from harness.pipeline.runner import data_kwargs
-    bspec = spec.backbone(sweep.backbone)
-    mspec = spec.method(sweep.method)
-    bb = load_backbone(bspec.name, weights=bspec.weights)     # trains an embedded one once
-    t = spec.train_for(bspec, mspec)
-    data = data_kwargs(spec, "train", bb.input_size, train=True)
-    data.pop("train")
-    n = len(build_dataset(**data, train=False))
+def trial_base(spec, sweep) -> TrialBase:
+    """The trials' shared setup from the spec (loads the backbone once: an embedded one is
+    trained here on first use, before any trial starts)."""
+    from harness.data.models import load_backbone
+    bspec, mspec = spec.backbone(sweep.backbone), spec.method(sweep.method)
+    load_backbone(bspec.name, weights=bspec.weights)
+    images = image_set(spec, bspec.name, train=True)
+    n = len(dataclasses.replace(images, train=False).build())
     train_idx, val_idx = split_indices(n, sweep.validation_images, spec.seed)
-    return {"backbone": bspec.name, "weights": bspec.weights, "method": mspec.name,
-            "data": data, "train_idx": train_idx, "val_idx": val_idx,
-            "batch_size": t.batch_size, "threads": sweep.cpus_per_trial,
-            "fraction": sweep.fraction(),
-            "train": {"mode": methods.method_class(mspec.name).mode, "epochs": t.epochs,
-                      "lr": t.lr, "lr_decay": t.lr_decay, "lambdas": list(t.lambdas),
-                      "variant": t.variant, "labels": t.labels, "seed": spec.seed}}
+    return TrialBase(backbone=bspec.name, weights=bspec.weights, method=mspec.name,
+                     images=images, train_idx=tuple(train_idx), val_idx=tuple(val_idx),
+                     batch_size=spec.train_for(bspec, mspec).batch_size,
+                     threads=max(1, int(sweep.cpus_per_trial)), fraction=sweep.fraction(),
+                     config=train_config(spec, bspec, mspec))
 
 
 def best_spec(spec, sweep, config: dict) -> dict:
@@ -150,76 +171,58 @@ def best_spec(spec, sweep, config: dict) -> dict:
     return out
 
 
-def run_sweep(spec, resume: bool = False, console=None) -> dict:
-    """Run (or resume) the sweep; returns the best config, metric and written paths."""
-    from harness.pipeline.ray_runtime import prepare_environment
-    from harness.pipeline.runner import init_ray, prepare_locations
-    uri = prepare_locations(spec)
-    prepare_environment(spec.ray.address)        # before ray is imported
+def _scheduler(sweep, max_t: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    sched = sweep.scheduler
+    if sched.name != "asha":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                         grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
+
+
+def _tuner(spec, sweep, base: TrialBase, exp_dir: Path, resume: bool, tracking_uri: str,
+           parent: str):
+    """A new ``Tuner`` for the sweep, or the interrupted one restored (``--resume``)."""
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from rich.table import Table
-
-    from harness.terminal import make_console
-    from harness.results.tracking import Tracker, git_commit, package_versions
-
-    console = console or make_console()
-    sweep = spec.extras["sweep"]
-    name = f"{spec.name}-{spec.fingerprint()}"
-    storage = cache_dir() / "tune"
-    exp_dir = storage / name
-    if exp_dir.exists() and not resume:
-        raise SweepExists(f"a sweep of this spec already exists at {exp_dir}: pass --resume "
-                              "to continue it, or delete that folder to start over")
-    base = _base(spec, sweep)
-    max_t = max([base["train"]["epochs"]] + [int(v) for d in sweep.space.get("epochs", {}).values()
-                                             for v in d])
-    tracker = Tracker(spec.tracking.experiment or spec.name, uri)
-    parent = tracker.parent_run(f"sweep {spec.name}", spec.fingerprint(), {
-        "git_commit": git_commit(), **package_versions(), "harness_kind": "sweep",
-        "backbone": sweep.backbone, "method_id": sweep.method}, role="sweep")
-    init_ray(spec)
     trainable = tune.with_resources(tune.with_parameters(trial, base=base),
                                     {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
-    sched = sweep.scheduler
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                               grace_period=int(sched.get("grace_period", 1)),
-                               reduction_factor=int(sched.get("reduction_factor", 2)))
-                 if sched.get("name", "asha") == "asha" else FIFOScheduler())
-    callbacks = [MLflowLoggerCallback(tracking_uri=tracker.uri,
-                                      experiment_name=spec.tracking.experiment or spec.name,
-                                      tags={"mlflow.parentRunId": parent, "harness_role": "trial",
-                                            "backbone": sweep.backbone, "method_id": sweep.method},
-                                      save_artifact=False)]
     if resume and tune.Tuner.can_restore(str(exp_dir)):
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True,
-                                   param_space=search_space(sweep))
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=search_space(sweep),
-            tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
-                                        num_samples=sweep.num_samples, reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
-                                      verbose=0,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    ok = False
-    try:
-        results = tuner.fit()
-        best = results.get_best_result(sweep.metric, sweep.mode, scope="all")
-        ok = best is not None and best.config is not None
-    finally:
-        if not ok:
-            tracker.finish(parent, ok=False)
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True,
+                                  param_space=search_space(sweep))
+    max_t = max([base.config.epochs] + [int(v) for d in sweep.space.get("epochs", {}).values()
+                                        for v in d])
+    callbacks = [MLflowLoggerCallback(
+        tracking_uri=tracking_uri, experiment_name=spec.tracking.experiment or spec.name,
+        tags={"mlflow.parentRunId": parent, "harness_role": "trial",
+              "backbone": sweep.backbone, "method_id": sweep.method}, save_artifact=False)]
+    return tune.Tuner(
+        trainable, param_space=search_space(sweep),
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode,
+                                    scheduler=_scheduler(sweep, max_t),
+                                    num_samples=sweep.num_samples, reuse_actors=True),
+        run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
+                                  callbacks=callbacks, verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
+def _ranked(results, sweep, base: TrialBase) -> tuple[list[tuple], int]:
+    """(best score over its epochs, epochs run, config) per trial, best first; and how many
+    trials the scheduler stopped before their last epoch."""
     rows = []
     for r in results:
         if r.metrics and sweep.metric in r.metrics:
-            hist = r.metrics_dataframe
-            score = (hist[sweep.metric].min() if sweep.mode == "min" else hist[sweep.metric].max())
-            rows.append((score, r.metrics.get("training_iteration", 0), r.config))
+            hist = r.metrics_dataframe[sweep.metric]
+            rows.append((hist.min() if sweep.mode == "min" else hist.max(),
+                         r.metrics.get("training_iteration", 0), r.config))
     rows.sort(key=lambda x: x[0], reverse=sweep.mode == "max")
     stopped = sum(1 for r in results if r.metrics and r.metrics.get("training_iteration", 0)
-                  < int(r.config.get("epochs", base["train"]["epochs"])))
+                  < int(r.config.get("epochs", base.config.epochs)))
+    return rows, stopped
+
+
+def _table(spec, sweep, rows):
+    from rich.table import Table
     table = Table(title=f"best trials of {spec.name} ({sweep.metric}, {sweep.mode})")
     keys = sorted(sweep.space)
     for col in ("rank", sweep.metric, "epochs run", *keys):
@@ -227,19 +230,55 @@ def run_sweep(spec, resume: bool = False, console=None) -> dict:
     for i, (score, its, config) in enumerate(rows[:5], 1):
         table.add_row(str(i), f"{score:.4g}", str(its), *(f"{config.get(k):.4g}" if
                       isinstance(config.get(k), float) else str(config.get(k)) for k in keys))
-    console.print(table)
+    return table
+
+
+def _write_best(spec, sweep, best, score: float, name: str) -> tuple[Path, Path]:
+    """The best config as a runnable spec and the best head, in ``<cache>/sweeps/<name>``."""
     out_dir = cache_dir() / "sweeps" / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    best_config = {k: best.config[k] for k in sweep.space}
-    spec_path = out_dir / "best.yaml"
-    head_path = out_dir / "best_head.pt"
+    config = {k: best.config[k] for k in sweep.space}
+    spec_path, head_path = out_dir / "best.yaml", out_dir / "best_head.pt"
     with best.get_best_checkpoint(sweep.metric, sweep.mode).as_directory() as d:
         shutil.copyfile(Path(d) / "head.pt", head_path)
-    text = (f"# python -m harness run {spec_path}\n# best of sweep {name}: {sweep.metric} = "
-            f"{rows[0][0]:.6g} ({sweep.mode}); trained head: {head_path}\n"
-            + yaml.safe_dump(best_spec(spec, sweep, best_config), sort_keys=False))
-    write_text_atomic(spec_path, text)
-    tracker.log(parent, params={f"best.{k}": v for k, v in best_config.items()},
+    write_text_atomic(spec_path, f"# python -m harness run {spec_path}\n# best of sweep {name}: "
+                      f"{sweep.metric} = {score:.6g} ({sweep.mode}); trained head: {head_path}\n"
+                      + yaml.safe_dump(best_spec(spec, sweep, config), sort_keys=False))
+    return spec_path, head_path
+
+
+def run_sweep(spec, resume: bool = False, console=None) -> dict:
+    """Run (or resume) the sweep; returns the best config, metric and written paths."""
+    from harness.pipeline.ray_runtime import prepare_environment
+    from harness.pipeline.runner import init_ray, prepare_locations
+    from harness.results.tracking import Tracker, git_commit, package_versions
+    from harness.terminal import make_console
+    uri = prepare_locations(spec)
+    prepare_environment(spec.ray.address)        # before ray is imported
+    console, sweep = console or make_console(), spec.sweep
+    name = f"{spec.name}-{spec.fingerprint()}"
+    exp_dir = cache_dir() / "tune" / name
+    if exp_dir.exists() and not resume:
+        raise SweepExists(f"a sweep of this spec already exists at {exp_dir}: pass --resume "
+                          "to continue it, or delete that folder to start over")
+    base = trial_base(spec, sweep)
+    tracker = Tracker(spec.tracking.experiment or spec.name, uri)
+    parent = tracker.parent_run(f"sweep {spec.name}", spec.fingerprint(), {
+        "git_commit": git_commit(), **package_versions(), "harness_kind": "sweep",
+        "backbone": sweep.backbone, "method_id": sweep.method}, role="sweep")
+    init_ray(spec)
+    ok = False
+    try:
+        results = _tuner(spec, sweep, base, exp_dir, resume, tracker.uri, parent).fit()
+        best = results.get_best_result(sweep.metric, sweep.mode, scope="all")
+        ok = best is not None and best.config is not None
+    finally:
+        if not ok:
+            tracker.finish(parent, ok=False)
+    rows, stopped = _ranked(results, sweep, base)
+    console.print(_table(spec, sweep, rows))
+    spec_path, head_path = _write_best(spec, sweep, best, rows[0][0], name)
+    tracker.log(parent, params={f"best.{k}": best.config[k] for k in sweep.space},
                 metrics={f"best_{sweep.metric}": rows[0][0], "trials": len(results),
                          "stopped_early": stopped})
     tracker.artifact(parent, spec_path)
@@ -247,6 +286,6 @@ def run_sweep(spec, resume: bool = False, console=None) -> dict:
     tracker.finish(parent, ok=True)
     console.print(f"{len(results)} trials, {stopped} stopped early by the scheduler.")
     console.print(f"best config written as a benchmark spec: {spec_path}")
-    return {"best_config": best_config, "best_metric": rows[0][0], "spec_path": str(spec_path),
-            "head_path": str(head_path), "trials": len(results), "stopped_early": stopped,
-            "parent_run_id": parent, "experiment_dir": str(exp_dir)}
+    return {"best_config": {k: best.config[k] for k in sweep.space}, "best_metric": rows[0][0],
+            "spec_path": str(spec_path), "head_path": str(head_path), "trials": len(results),
+            "stopped_early": stopped, "parent_run_id": parent, "experiment_dir": str(exp_dir)}

@@ -1,7 +1,7 @@
 """Method parameters in a spec: one pydantic model per method class, built from its ``Param``
-declarations (``methods.base.Param``) and cached.
+declarations (``methods.params.Param``) and cached.
 
-Each field's value is checked by ``methods.base.param_problem``, the same function
+Each field's value is checked by ``methods.params.param_problem``, the same function
 ``Explainer.__init__`` uses, so ``validate`` and ``methods.create`` word a bad value the same
 way; the spec additionally converts scientific-notation strings ('1e-4', as YAML 1.1 reads
 ``1e-4``) for number parameters. Unknown parameters are refused with the closest name.
@@ -37,7 +37,7 @@ def declared(cls) -> dict[str, Any]:
 
 
 def _checked(name: str, param) -> Any:
-    from methods.base import param_problem
+    from methods.params import param_problem
 
     def check(value: Any) -> Any:
         if param.kind == "number":

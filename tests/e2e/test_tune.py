@@ -89,10 +89,9 @@ def test_sweep_stops_trials_early_logs_to_mlflow_and_writes_a_runnable_spec(tmp_
 
 def test_resume_after_kill_does_not_rerun_finished_trials(tmp_path, env):
     from harness.spec import load_spec
-    from harness.sweep import check_sweep
     path = write_spec(tmp_path, "tiny_sweep_b", train={"epochs": 3, "batch_size": 32,
                                                        "lr": 0.05, "lr_decay": 0.9})
-    spec = load_spec(path, sections={"sweep": check_sweep})
+    spec = load_spec(path, sweep=True)
     exp_dir = Path(env["HARNESS_CACHE_DIR"]) / "tune" / f"{spec.name}-{spec.fingerprint()}"
     proc = subprocess.Popen(tune_cmd(path), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

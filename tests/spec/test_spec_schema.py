@@ -19,7 +19,7 @@ from harness.spec import (SpecError, TrainSection, load_spec, method_params_rows
 from harness.spec.params import params_model
 from methods.base import Param, param_problem
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 BASE = "schema: 1\nbackbones: [vgg16]\nmethods:\n  - name: gradcam\n  - name: rise\n"
 
 

@@ -14,7 +14,7 @@ import yaml
 from harness.spec import SpecError, SweepSection, TrainSection, load_spec
 from harness.spec.sweep import SearchSpace, searchable
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 BASE = "schema: 1\nbackbones: [vgg16, resnet50]\nmethods: [gradcam, lcam_img, lcam_fm]\n"
 
 

@@ -23,7 +23,7 @@ import methods
 from harness import cli
 from harness.spec import SpecError, Spec, load_spec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CORPUS = sorted((REPO / "tests" / "specs" / "bad").glob("*.yaml"))
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
 EMBEDDED = ("tiny_vgg", "tiny_resnet")
