@@ -2,7 +2,7 @@
 
     ex = methods.create("scorecam", backbone, variant="paper", batch_size=64)
     maps = ex.explain(images)             # (B, H, W) in [0, 1]; targets default to top-1
-    ex.forward_passes                     # nominal #FW per explanation (protocol.md sec. 1)
+    ex.forward_passes                     # nominal #FW per explanation (docs/protocol.md section 2)
 
 Every method has a ``variant``: ``paper`` (its own paper, the default), ``reference`` (what
 the L-CAM authors ran) and, for Score-CAM, ``channel_softmax`` (the popular libraries' form).

@@ -8,7 +8,7 @@ Training (Eq. 4-8), S = sigmoid(L^(y)) for label y:
     L-CAM-Img: X <- X (.) up(S) in [0, 1] pixel space, then the whole backbone again
     loss = l1 * TV(S) + l2 * AV(S) + l3 * CE(y, u),  AV = mean(S^l4),
            TV = sum_pq (s_pq - s_pq+1)^2 + (s_pq - s_p+1q)^2, per image, batch-averaged.
-``variant: reference`` reproduces the authors' code (protocol.md section 3): the maps of
+``variant: reference`` reproduces the authors' code (docs/protocol.md section 4.5): the maps of
 every label in the batch regularise every image (B x B maps), AV = mean((S + 0.0005)^l4),
 TV adds 0.3 * the squared border and is divided by 2B.
 The CE-only ablation (the paper's starred rows) is l1 = l2 = 0.

@@ -1,6 +1,6 @@
 """Training an L-CAM attention head on a frozen backbone (plain torch; Ray Train wraps it).
 
-The optimiser follows the chosen variant (protocol.md section 3):
+The optimiser follows the chosen variant (docs/protocol.md section 4.5):
 - ``paper``: SGD, lr 1e-4 by default, the learning rate multiplied by ``lr_decay`` after
   every epoch (0.75 x 7 epochs for VGG-16, 0.95 x 25 for ResNet-50 in the paper).
 - ``reference``: the authors' code: SGD with Nesterov momentum 0.9, weight decay 5e-4, the

@@ -226,6 +226,47 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads_before)
 
 
+def _bench_backbone(args: argparse.Namespace, name: str, err) -> dict[str, Any]:
+    """Every asked method on one backbone, the floor samples, RISE's memory probe, training
+    and evaluation throughput."""
+    b = Bench(args, name)
+    for _ in range(max(args.warmup, 1)):
+        b.floor_once()
+    b.floor_samples.clear()
+    b.floor_cpu.clear()
+    for _ in range(max(args.repeats, 1)):
+        b.floor_once()
+    r: dict[str, Any] = {"methods": {}}
+    for key in args.methods:
+        err.log(f"{name}: {key}")
+        close = None
+        try:
+            case = our_case(b, key) if key in OURS else library_case(b, key)
+            close = case.extra.pop("close", None)
+            r["methods"][key] = b.measure(case)
+        except Exception as exc:  # e.g. the library under --autocast on CPU (no bf16 numpy)
+            r["methods"][key] = {"display_name": DISPLAY[key],
+                                 "error": f"{type(exc).__name__}: {exc}"}
+            err.print(f"{name}: {key} failed: {type(exc).__name__}: {exc}")
+        finally:
+            if close:
+                close()
+    r["floor"] = {"ms_per_image": _summary([s * 1e3 for s in b.floor_samples]),
+                  "cpu_ms_per_image": _summary([s * 1e3 for s in b.floor_cpu]),
+                  "batch": args.batch, "samples": "all plain forwards taken during the run"}
+    if "rise" in args.methods:
+        err.log(f"{name}: RISE memory probe")
+        r["rise_memory"] = rise_memory_probe(b)
+    if not args.no_train:
+        err.log(f"{name}: L-CAM training throughput")
+        r["train"] = bench_training(b)
+    if not args.no_eval:
+        err.log(f"{name}: evaluation throughput")
+        r["eval"] = bench_evaluation(b)
+    b.counter.close()
+    return r
+
+
 def _run(args: argparse.Namespace, console, err) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -242,40 +283,7 @@ def _run(args: argparse.Namespace, console, err) -> int:
         "backbones": {}, "targets": []}
     started = time.perf_counter()
     for name in args.backbones:
-        b = Bench(args, name)
-        for _ in range(max(args.warmup, 1)):
-            b.floor_once()
-        b.floor_samples.clear()
-        b.floor_cpu.clear()
-        for _ in range(max(args.repeats, 1)):
-            b.floor_once()
-        r: dict[str, Any] = {"methods": {}}
-        for key in args.methods:
-            err.log(f"{name}: {key}")
-            close = None
-            try:
-                case = our_case(b, key) if key in OURS else library_case(b, key)
-                close = case.extra.pop("close", None)
-                r["methods"][key] = b.measure(case)
-            except Exception as exc:  # e.g. the library under --autocast on CPU (no bf16 numpy)
-                r["methods"][key] = {"display_name": DISPLAY[key], "error": f"{type(exc).__name__}: {exc}"}
-                err.print(f"{name}: {key} failed: {type(exc).__name__}: {exc}")
-            finally:
-                if close:
-                    close()
-        r["floor"] = {"ms_per_image": _summary([s * 1e3 for s in b.floor_samples]),
-                      "cpu_ms_per_image": _summary([s * 1e3 for s in b.floor_cpu]),
-                      "batch": args.batch, "samples": "all plain forwards taken during the run"}
-        if "rise" in args.methods:
-            err.log(f"{name}: RISE memory probe")
-            r["rise_memory"] = rise_memory_probe(b)
-        if not args.no_train:
-            err.log(f"{name}: L-CAM training throughput")
-            r["train"] = bench_training(b)
-        if not args.no_eval:
-            err.log(f"{name}: evaluation throughput")
-            r["eval"] = bench_evaluation(b)
-        b.counter.close()
+        r = _bench_backbone(args, name, err)
         for key, m in r["methods"].items():
             if "target" in m:
                 results["targets"].append({"backbone": name, "method": key,

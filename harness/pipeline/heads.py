@@ -98,6 +98,84 @@ def _resume(heads, optims, scheds, device) -> int:
     return state["epoch"] + 1
 
 
+class _Heads:
+    """The heads of one worker of a fit, their optimisers and schedulers, and one epoch."""
+
+    def __init__(self, group: HeadGroup, backbone, device, world: int):
+        import ray.train.torch
+        self.backbone, self.device, self.world = backbone, device, world
+        self.cfgs = {h.method_id: h.config for h in group.heads}
+        self.heads, self.optims, self.scheds = {}, {}, {}
+        for hid, cfg in self.cfgs.items():
+            torch.manual_seed(cfg.seed)                   # identical initial heads on every rank
+            head = AttentionHead(backbone.feature_channels, backbone.num_classes).to(device)
+            self.optims[hid], self.scheds[hid] = make_optimizer(head, cfg)
+            self.heads[hid] = ray.train.torch.prepare_model(head) if world > 1 else head
+
+    def active(self, epoch: int) -> list[str]:
+        """The heads still training at ``epoch`` (a group's heads may differ in epochs)."""
+        return [hid for hid in self.heads if epoch < self.cfgs[hid].epochs]
+
+    def train_epoch(self, loader, epoch: int, fault=lambda step: None) -> dict[str, dict]:
+        """One pass over ``loader`` for every active head, on shared batches: the clean
+        forward (A and the model-truth labels) runs once per batch for all of them."""
+        sums = {hid: {} for hid in self.active(epoch)}
+        for step_index, batch in enumerate(loader):
+            fault(step_index)
+            images = batch[0].to(self.device, non_blocking=True)
+            gt = batch[1].to(self.device)
+            with torch.no_grad():
+                feats = self.backbone.features(images)
+                model_labels = self.backbone.head(feats).argmax(1)
+            for hid in sums:
+                self.heads[hid].train()
+                step = train_step(self.backbone, self.heads[hid], images, gt, self.cfgs[hid],
+                                  self.optims[hid], feats=feats, model_labels=model_labels)
+                for k, v in step.items():
+                    sums[hid][k] = sums[hid].get(k, 0.0) + v * (1 if k == "n" else step["n"])
+        return self._means(sums)
+
+    def _means(self, sums: dict[str, dict]) -> dict[str, dict]:
+        """Per-head mean loss terms over every worker's images (an all-reduce of sums, on the
+        training device: NCCL takes no CPU tensors), then the learning-rate step."""
+        out = {}
+        for hid, s in sums.items():
+            totals = torch.tensor([s.get(k, 0.0) for k in ("loss", "tv", "area", "ce", "n")],
+                                  dtype=torch.float64, device=self.device)
+            if self.world > 1:
+                torch.distributed.all_reduce(totals)
+            totals = totals.cpu()
+            n = max(totals[4].item(), 1.0)
+            out[hid] = {"loss": totals[0].item() / n, "tv": totals[1].item() / n,
+                        "area": totals[2].item() / n, "ce": totals[3].item() / n,
+                        "lr": self.scheds[hid].get_last_lr()[0]}
+            self.scheds[hid].step()
+        return out
+
+    def state(self, epoch: int) -> dict:
+        return {"epoch": epoch,
+                "heads": {h: getattr(m, "module", m).state_dict() for h, m in self.heads.items()},
+                "optims": {h: o.state_dict() for h, o in self.optims.items()},
+                "scheds": {h: s.state_dict() for h, s in self.scheds.items()}}
+
+
+def _report(config: dict, trainer: _Heads, epoch: int, per_head: dict, rank: int) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the epoch checkpoint, logs the curves
+    and writes the progress file."""
+    import ray.train
+    metrics = {f"{hid}/{k}": v for hid, m in per_head.items() for k, v in m.items()}
+    metrics["epoch"] = epoch
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    _log_curves(config, epoch, per_head)
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(trainer.state(epoch), Path(d) / "heads.pt")
+        if config.get("progress_file"):
+            Path(config["progress_file"]).write_text(json.dumps({"epoch": epoch + 1}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train loop (runs on every worker); ``config["group"]`` is a ``HeadGroup``."""
     import ray.train
@@ -112,70 +190,19 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if group.use_gpu else torch.device("cpu")
     backbone = load_backbone(group.backbone, weights=group.weights).to(device)
-
-    cfgs = {h.method_id: h.config for h in group.heads}
-    heads, optims, scheds = {}, {}, {}
-    for hid, cfg in cfgs.items():
-        torch.manual_seed(cfg.seed)                   # identical initial heads on every rank
-        head = AttentionHead(backbone.feature_channels, backbone.num_classes).to(device)
-        optims[hid], scheds[hid] = make_optimizer(head, cfg)
-        heads[hid] = ray.train.torch.prepare_model(head) if world > 1 else head
-    start = _resume(heads, optims, scheds, device)
-
+    trainer = _Heads(group, backbone, device, world)
+    start = _resume(trainer.heads, trainer.optims, trainer.scheds, device)
     dataset = group.images.build()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                  seed=config["seed"], drop_last=False)
     loader = DataLoader(dataset, batch_size=max(1, group.batch_size // world),
-                        sampler=sampler, num_workers=0,
-                        pin_memory=device.type == "cuda")
+                        sampler=sampler, num_workers=0, pin_memory=device.type == "cuda")
     for epoch in range(start, group.epochs):
         sampler.set_epoch(epoch)
         seed_epoch(config["seed"], epoch)      # the sampler's shuffle is seeded by set_epoch
-        sums = {hid: {} for hid in heads}
-        for step_index, batch in enumerate(loader):
-            _test_fault(config, rank, epoch, step_index)
-            images, gt = batch[0].to(device, non_blocking=True), batch[1].to(device)
-            with torch.no_grad():
-                feats = backbone.features(images)
-                model_labels = backbone.head(feats).argmax(1)
-            for hid, head in heads.items():
-                if epoch >= cfgs[hid].epochs:
-                    continue
-                head.train()
-                step = train_step(backbone, head, images, gt, cfgs[hid], optims[hid],
-                                  feats=feats, model_labels=model_labels)
-                for k, v in step.items():
-                    w = 1 if k == "n" else step["n"]
-                    sums[hid][k] = sums[hid].get(k, 0.0) + v * w
-        per_head = {}
-        for hid in heads:
-            if epoch >= cfgs[hid].epochs:
-                continue
-            totals = torch.tensor([sums[hid].get(k, 0.0) for k in ("loss", "tv", "area", "ce", "n")],
-                                  dtype=torch.float64)
-            if world > 1:
-                torch.distributed.all_reduce(totals)
-            n = max(totals[4].item(), 1.0)
-            per_head[hid] = {"loss": totals[0].item() / n, "tv": totals[1].item() / n,
-                             "area": totals[2].item() / n, "ce": totals[3].item() / n,
-                             "lr": scheds[hid].get_last_lr()[0]}
-            scheds[hid].step()
-        metrics = {f"{hid}/{k}": v for hid, m in per_head.items() for k, v in m.items()}
-        metrics["epoch"] = epoch
-        if rank == 0:
-            _log_curves(config, epoch, per_head)
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"epoch": epoch,
-                            "heads": {h: getattr(m, "module", m).state_dict() for h, m in heads.items()},
-                            "optims": {h: o.state_dict() for h, o in optims.items()},
-                            "scheds": {h: s.state_dict() for h, s in scheds.items()}},
-                           Path(d) / "heads.pt")
-                progress = config.get("progress_file")
-                if progress:
-                    Path(progress).write_text(json.dumps({"epoch": epoch + 1}))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics, checkpoint=None)
+        per_head = trainer.train_epoch(
+            loader, epoch, lambda step, e=epoch: _test_fault(config, rank, e, step))
+        _report(config, trainer, epoch, per_head, rank)
 
 
 def fit_heads(group: HeadGroup, *, name: str, seed: int, storage_path: Path,

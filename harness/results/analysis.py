@@ -272,6 +272,29 @@ def _errors_from_table(per_image, dataset) -> list[int] | None:
     return [where[i] for i, p, g in zip(ids, pred, gt) if p != g and i in where]
 
 
+def _find_errors(backbone, dataset, per_image, scan_images: int) -> list[int]:
+    """Misclassified images: from the per-image table when given, else predicted over the
+    first ``scan_images`` images."""
+    errors = _errors_from_table(per_image, dataset)
+    if errors is not None:
+        return errors
+    scan = list(range(min(len(dataset), scan_images)))
+    images, labels, _ = load_items(dataset, scan)
+    pred, _ = predict(backbone, images) if len(scan) else (torch.zeros(0), None)
+    return [i for i, p, g in zip(scan, pred.tolist(), labels.tolist()) if p != g]
+
+
+def _gallery_class(dataset, errors: list[int]) -> int | None:
+    """The quickstart's shortcut class, else the class with the most errors found."""
+    if getattr(dataset, "info", {}).get("kind") == "quickstart":
+        from harness.data.quickstart import CLASSES, SHORTCUT_CLASS
+        return CLASSES.index(SHORTCUT_CLASS)
+    if errors:
+        gts = [int(dataset.items[i][1]) for i in errors]
+        return max(sorted(set(gts)), key=gts.count)
+    return None
+
+
 def analyse(backbone, explainer, dataset, out_dir: str | Path, *, figure_images: int = 6,
             scan_images: int = 200, gallery_class: int | None = None,
             localisation_images: int | None = -1, sanity_images: int | None = None,
@@ -296,43 +319,27 @@ def analyse(backbone, explainer, dataset, out_dir: str | Path, *, figure_images:
     paths: list[Path] = []
     metrics: dict[str, float] = {}
 
-    errors = _errors_from_table(per_image, dataset)
-    if errors is None:
-        scan = list(range(min(len(dataset), scan_images)))
-        images, labels, _ = load_items(dataset, scan)
-        pred, _ = predict(backbone, images) if len(scan) else (torch.zeros(0), None)
-        errors = [i for i, p, g in zip(scan, pred.tolist(), labels.tolist()) if p != g]
+    def add(found: tuple[list[Path], dict[str, float]]) -> None:
+        paths.extend(found[0])
+        metrics.update(found[1])
+
+    errors = _find_errors(backbone, dataset, per_image, scan_images)
     if errors:
         images, labels, ids = load_items(dataset, errors[:figure_images])
-        p, m = error_figure(backbone, explainer, images, labels, ids, out_dir, figure_images,
-                            names)
-        paths += p
-        metrics.update(m)
+        add(error_figure(backbone, explainer, images, labels, ids, out_dir, figure_images, names))
     else:
         metrics["error_images"] = 0.0
-
     kind = getattr(dataset, "info", {}).get("kind")
     if gallery_class is None:
-        if kind == "quickstart":
-            from harness.data.quickstart import CLASSES, SHORTCUT_CLASS
-            gallery_class = CLASSES.index(SHORTCUT_CLASS)
-        elif errors:
-            gts = [int(dataset.items[i][1]) for i in errors]
-            gallery_class = max(sorted(set(gts)), key=gts.count)
+        gallery_class = _gallery_class(dataset, errors)
     if gallery_class is not None:
         members = [i for i in range(len(dataset)) if int(dataset.items[i][1]) == gallery_class]
-        members = members[: max(figure_images * 4, 24)]
-        images, labels, ids = load_items(dataset, members)
-        p, m = class_gallery(backbone, explainer, images, labels, ids, gallery_class, out_dir,
-                             max(figure_images, 8), names)
-        paths += p
-        metrics.update(m)
-
+        images, labels, ids = load_items(dataset, members[: max(figure_images * 4, 24)])
+        add(class_gallery(backbone, explainer, images, labels, ids, gallery_class, out_dir,
+                          max(figure_images, 8), names))
     if kind == "quickstart":
-        p, m = shortcut_figure(backbone, explainer, dataset, out_dir, figure_images,
-                               score_images=figure_images if perturbation else 30)
-        paths += p
-        metrics.update(m)
+        add(shortcut_figure(backbone, explainer, dataset, out_dir, figure_images,
+                            score_images=figure_images if perturbation else 30))
 
     table_metrics = localisation.energy_metrics(per_image) if per_image is not None else {}
     if table_metrics:

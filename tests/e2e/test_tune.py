@@ -1,4 +1,5 @@
-"""Ray Tune sweeps (``python -m harness tune``) on local Ray with a local MLflow store."""
+"""A killed Ray Tune sweep (``python -m harness tune``) resumes without rerunning finished
+trials. (A whole sweep, as a user runs it, is in ``test_user_commands.py``.)"""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
 from services import fresh_cache, user_env
 
@@ -56,35 +56,6 @@ def trial_results(exp_dir: Path) -> dict[str, list[dict]]:
         lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
         out[f.parent.name] = lines
     return out
-
-
-def test_sweep_stops_trials_early_logs_to_mlflow_and_writes_a_runnable_spec(tmp_path, env):
-    path = write_spec(tmp_path, "tiny_sweep_a")
-    proc = subprocess.run(tune_cmd(path), cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "stopped early" in proc.stdout
-    n_stopped = int(proc.stdout.split(" stopped early")[0].split(",")[-1].strip())
-    assert n_stopped >= 1, proc.stdout
-    best = Path(proc.stdout.split("benchmark spec: ")[1].split()[0])
-    text = best.read_text()
-    assert text.startswith(f"# python -m harness run {best}")
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("tiny_sweep_a")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("harness_kind") == "sweep"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(trials) == 4
-    assert all("lr" in r.data.params for r in trials)
-    assert {"best_head.pt", "best.yaml"} <= {a.path for a in client.list_artifacts(
-        parents[0].info.run_id)}
-    # the written spec validates and runs
-    run = subprocess.run([sys.executable, "-m", "harness", "run", str(best), "data.limit=4",
-                          "sharding.images_per_task=4"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "L-CAM-Img" in run.stdout
 
 
 def test_resume_after_kill_does_not_rerun_finished_trials(tmp_path, env):

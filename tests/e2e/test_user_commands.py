@@ -11,6 +11,7 @@ commands in the order a new user would (``run``, ``report``, ``tune``, ``report`
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import subprocess
@@ -126,6 +127,20 @@ def test_run_logs_all_sixteen_rows_and_their_numbers_recompute(user, smoke):
                 (r.info.run_name, key)
 
 
+def pinned(name: str) -> dict[str, dict]:
+    return json.loads((Path(__file__).parent / "golden" / f"{name}.json").read_text())["runs"]
+
+
+def test_smoke_numbers_are_the_pinned_ones(user, smoke):
+    """Every AD, IC and #FW of the smoke run equals the value recorded before the harness
+    was restructured (tests/e2e/golden/smoke.json): refactoring must not move a number."""
+    got = {r.data.tags["run_key"]: r.data.metrics for r in children(user.client, smoke["parent"])}
+    want = pinned("smoke")
+    assert set(got) == set(want)
+    for key, metrics in want.items():
+        assert {k: got[key][k] for k in metrics} == metrics, key
+
+
 def test_parent_run_carries_the_table_and_plots(user, smoke):
     arts = {a.path for a in user.client.list_artifacts(smoke["parent"].info.run_id, "report")}
     assert {"report/table.md", "report/table.csv", "report/ad_ic_vs_fw-tiny_vgg.png",
@@ -133,7 +148,8 @@ def test_parent_run_carries_the_table_and_plots(user, smoke):
 
 
 def test_report_after_run_then_after_tune(user, smoke):
-    """``report`` with no option reports the latest *benchmark*, also after a sweep."""
+    """``report`` with no option reports the latest *benchmark*, also after a sweep; the
+    sweep stops bad trials early, logs its trials under one run and writes a spec that runs."""
     first = user.ok("report")
     parent_id = smoke["parent"].info.run_id
     assert f"report of run {parent_id}" in first.stdout
@@ -144,11 +160,55 @@ def test_report_after_run_then_after_tune(user, smoke):
     for row in table:
         stored = metrics[f"{row['backbone']}/{row['method_id']}"]
         assert float(row["AD_15"]) == stored["AD_15"] and float(row["IC_50"]) == stored["IC_50"]
-    sweep = user.ok("tune", "jobs/sweeps/lcam_quickstart.yaml", "sweep.num_samples=2",
-                    "train.epochs=1", "data.train_limit=64", "sweep.validation_images=16")
-    assert "best config written as a benchmark spec:" in sweep.stdout
-    again = user.ok("report")
-    assert f"report of run {parent_id}" in again.stdout
+    sweep = user.ok("tune", "jobs/sweeps/lcam_quickstart.yaml",
+                    "sweep.space={lr: {grid: [0.05, 1.0e-6, 2.0e-6, 3.0e-6]}}",
+                    "sweep.num_samples=1", "train.epochs=2", "data.train_limit=160",
+                    "sweep.validation_images=32")
+    assert int(sweep.stdout.split(" stopped early")[0].split(",")[-1].strip()) >= 1
+    exp = user.client.get_experiment_by_name("lcam_quickstart_sweep")
+    runs = user.client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("harness_role") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(trials) == 4 and all("lr" in r.data.params for r in trials)
+    assert {"best_head.pt", "best.yaml"} <= {a.path for a in user.client.list_artifacts(
+        parents[0].info.run_id)}
+    assert f"report of run {parent_id}" in user.ok("report").stdout
+    best = Path(sweep.stdout.split("benchmark spec: ")[1].split()[0])
+    assert best.read_text().startswith(f"# python -m harness run {best}")
+    rerun = user.ok("run", str(best), "data.limit=4", "sharding.images_per_task=4")
+    assert "L-CAM-Img" in rerun.stdout
+
+
+def test_child_runs_carry_provenance_and_files(user, smoke):
+    for r in children(user.client, smoke["parent"]):
+        for tag in ("git_commit", "version.torch", "eval_list_hash", "protocol_preset",
+                    "weights_id", "feature_layer", "shard_dir"):
+            assert r.data.tags.get(tag), (r.info.run_name, tag)
+        if r.data.tags["method"] == "rise":
+            assert len(r.data.tags["rise_mask_hash"]) == 16
+        files = {a.path for a in user.client.list_artifacts(r.info.run_id)}
+        assert {"per_image.parquet", "overlays.png"} <= files, files
+        assert r.data.metrics["sanity_spearman_none"] == 1.0     # the analysis task's numbers
+        assert ("head" in files) == r.data.tags["method"].startswith("lcam")
+
+
+def test_a_deleted_shard_alone_is_recomputed_with_the_same_numbers(user, smoke):
+    """Delete one shard file of the smoke run: the same command recomputes that one only
+    (every other shard file untouched) and reports the same numbers."""
+    shards = sorted((user.root / ".harness-cache" / "shards").glob("*/*/shard-*.parquet"))
+    victim = next(p for p in shards if "/gradcampp-" in str(p))
+    others = {p: p.stat().st_mtime_ns for p in shards if p != victim}
+    victim.unlink()
+    user.ok("run", "jobs/smoke.yaml")
+    assert victim.exists(), "the deleted shard was not recomputed"
+    assert {p: p.stat().st_mtime_ns for p in others} == others, "finished shards were redone"
+    exp = user.client.get_experiment_by_name("smoke")
+    latest = user.client.search_runs([exp.experiment_id], "tags.harness_role = 'benchmark'",
+                                     order_by=["attributes.start_time DESC"])[0]
+    got = {r.data.tags["run_key"]: r.data.metrics for r in children(user.client, latest)}
+    for key, metrics in pinned("smoke").items():
+        assert {k: got[key][k] for k in metrics} == metrics, key
 
 
 def test_explain_and_bench(user, smoke):

@@ -2,12 +2,15 @@
 
 The corpus ``tests/specs/bad/*.yaml``: each file's first line is ``# expect: A; B; ...``, the
 substrings (field paths, usually with their message) that the report must contain. Every
-file goes through ``python -m harness validate`` and ``python -m harness run`` as
-subprocesses in an empty working directory: exit 2, the expected text, no traceback, and
-nothing created (no MLflow store, no cache, no Ray folders). No Ray is ever started here.
+file goes through ``python -m harness validate`` (one subprocess for all of them) and
+``run`` (``harness.cli.main`` in this process, from an empty working directory; a few files
+also as a subprocess): exit 2, the expected text, no traceback, and nothing created (no
+MLflow store, no cache, no Ray folders). No Ray is ever started here.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -22,6 +25,7 @@ import backbones
 import methods
 from harness import cli
 from harness.spec import SpecError, Spec, load_spec
+from services import user_env
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = sorted((REPO / "tests" / "specs" / "bad").glob("*.yaml"))
@@ -35,17 +39,37 @@ def expectations(path: Path) -> list[str]:
     return [e.strip() for e in first[len("# expect:"):].split(";") if e.strip()]
 
 
+def stores(workdir: Path) -> dict[str, str]:
+    return {"HARNESS_CACHE_DIR": str(workdir / "cache"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+
+
 def harness(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
     """``python -m harness ARGS`` in an empty working directory with private stores."""
     cwd = workdir / "cwd"
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-               HARNESS_CACHE_DIR=str(workdir / "cache"),
-               MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}",
-               RAY_USAGE_STATS_ENABLED="0", COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd,
+                          env=user_env(**stores(workdir)), capture_output=True, text=True,
+                          timeout=120)
+
+
+def harness_here(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
+    """``harness.cli.main(ARGS)`` in this process, as ``harness`` does it in a subprocess
+    (empty working directory, private stores; the output captured)."""
+    cwd = workdir / "cwd"
+    cwd.mkdir(parents=True, exist_ok=True)
+    out, err = io.StringIO(), io.StringIO()
+    saved_cwd, saved_env = os.getcwd(), dict(os.environ)
+    os.chdir(cwd)
+    os.environ.update(stores(workdir))
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(args)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
@@ -75,18 +99,25 @@ def test_corpus_is_large_and_annotated():
         assert expectations(path)
 
 
+SUBPROCESS_RUNS = 3      # corpus files also run as ``python -m harness run`` subprocesses
+
+
 @pytest.fixture(scope="module")
 def corpus_runs(tmp_path_factory):
-    """``run`` on every corpus file (2 at a time), and one ``validate`` of all of them."""
+    """``run`` on every corpus file (in process; the first few also as subprocesses, two at
+    a time), and one ``validate`` subprocess of all of them."""
     root = tmp_path_factory.mktemp("corpus")
+    runs = {path.name: (root / f"run{i:02d}", harness_here(["run", str(path)],
+                                                          root / f"run{i:02d}"))
+            for i, path in enumerate(CORPUS)}
 
     def one(i_path):
         i, path = i_path
-        workdir = root / f"run{i:02d}"
-        return path.name, (workdir, harness(["run", str(path)], workdir))
+        workdir = root / f"sub{i:02d}"
+        return path.name + " (subprocess)", (workdir, harness(["run", str(path)], workdir))
 
     with ThreadPoolExecutor(2) as pool:
-        runs = dict(pool.map(one, enumerate(CORPUS)))
+        runs.update(pool.map(one, enumerate(CORPUS[:SUBPROCESS_RUNS])))
     validate = harness(["validate", *map(str, CORPUS)], root / "validate")
     return runs, validate
 
@@ -118,16 +149,18 @@ def test_corpus_validate(path, corpus_runs):
 @pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.stem)
 def test_corpus_run_starts_nothing(path, corpus_runs):
     runs, _ = corpus_runs
-    workdir, result = runs[path.name]
-    out = result.stdout + result.stderr
-    assert result.returncode == 2, out
-    assert "Traceback" not in out
-    assert "nothing was started" in out
-    for expected in expectations(path):
-        assert expected in out
-    assert list((workdir / "cwd").iterdir()) == []           # no mlruns/, mlflow.db, ray dirs
-    assert not (workdir / "cache").exists()
-    assert not (workdir / "mlflow.db").exists()
+    found = [runs[path.name]] + ([runs[path.name + " (subprocess)"]]
+                                  if path in CORPUS[:SUBPROCESS_RUNS] else [])
+    for workdir, result in found:
+        out = result.stdout + result.stderr
+        assert result.returncode == 2, out
+        assert "Traceback" not in out
+        assert "nothing was started" in out
+        for expected in expectations(path):
+            assert expected in out
+        assert list((workdir / "cwd").iterdir()) == []       # no mlruns/, mlflow.db, ray dirs
+        assert not (workdir / "cache").exists()
+        assert not (workdir / "mlflow.db").exists()
 
 
 # -- loading, defaults, overrides ------------------------------------------------------------
