@@ -9,8 +9,7 @@ is *degenerate* and normalises to all zeros; ``last_degenerate`` records which w
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,14 +50,6 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[:, 0] if squeeze else x
 
 
-@contextlib.contextmanager
-def forward_hook(module: nn.Module, fn) -> Iterator[None]:
-    """A forward hook that is always removed, even when the body raises."""
-    handle = module.register_forward_hook(fn)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class Explainer:

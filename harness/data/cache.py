@@ -74,11 +74,6 @@ def cache_dir() -> Path:
     return root
 
 
-def cache_path(*parts: str) -> Path:
-    """A path under the cache root; parent folders are created."""
-    path = cache_dir().joinpath(*parts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def stable_hash(obj: Any, n: int = 12) -> str:

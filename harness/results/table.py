@@ -75,10 +75,3 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
-
-def csv_table(rows: list[dict], cols: list[str]) -> str:
-    lines = ["method," + ",".join(cols)]
-    for r in rows:
-        lines.append(r["method"] + "," + ",".join("" if r.get(c) is None else repr(float(r[c]))
-                                                  for c in cols))
-    return "\n".join(lines) + "\n"
