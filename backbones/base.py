@@ -14,6 +14,8 @@ mask the *normalised* input (RISE's own code, the L-CAM authors' Score-CAM) call
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -69,20 +71,39 @@ class SplitBackbone(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
+    #: set on a view made by ``with_autocast``: the passes run in this dtype
+    autocast_dtype: torch.dtype | None = None
+
+    def with_autocast(self, dtype: torch.dtype) -> "SplitBackbone":
+        """A view of this backbone (the same modules and buffers) whose forward passes run
+        under ``torch.autocast(dtype)`` and return float32: an explainer given the view
+        computes only the backbone in reduced precision, its own arithmetic (gradients,
+        powers, sums of thousands of terms) in float32."""
+        view = copy.copy(self)              # shares _modules and _buffers with ``self``
+        view.autocast_dtype = dtype
+        return view
+
+    def _pass(self, fn, x: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            return fn(x)
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+            out = fn(x)
+        return out.float()
+
     def features_normalized(self, z: torch.Tensor) -> torch.Tensor:
-        return self.body(z)
+        return self._pass(self.body, z)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.normalize(x))
+        return self._pass(self.body, self.normalize(x))
 
     def head(self, a: torch.Tensor) -> torch.Tensor:
-        return self.tail(a)
+        return self._pass(self.tail, a)
 
     def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
-        return self.tail(self.body(z))
+        return self._pass(lambda v: self.tail(self.body(v)), z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tail(self.body(self.normalize(x)))
+        return self._pass(lambda v: self.tail(self.body(v)), self.normalize(x))
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, weights={self.weights_id!r}, A={self.feature_layer} "

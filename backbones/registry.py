@@ -6,6 +6,14 @@ decorator; its registered name is its public, MLflow-safe key (letters, digits, 
 Duplicate names are errors, and an unknown name is answered with the closest names and the
 full list. It lives in ``backbones``, the bottom package (``methods`` builds on backbones,
 ``harness`` on both), so that no package imports upwards.
+
+Names resolve here and nowhere else, in this order: an entry registered in code (built in),
+a plugin (an entry point of the registry's group, e.g. ``lcam_bench.methods``), or a class
+reference ``package.module:Name`` (``backbones.plugins``: imported, never evaluated; checked by
+the registry's ``adopt`` function before it is used). Each entry records its ``origin``
+('built-in', or the distribution that provides it). ``names()`` lists the built-in entries
+only (what tests and the README enumerate); ``plugin_names()`` the installed entry points. A
+name can also be *refused* with a reason (``refuse``: a torchvision ViT is no CNN).
 """
 from __future__ import annotations
 
@@ -29,6 +37,11 @@ class UnknownNameError(KeyError, ValueError):
         return str(self.args[0])
 
 
+class UnusableNameError(UnknownNameError):
+    """A known name that cannot be used: a broken plugin, or a refused model (the message
+    says why and what to do)."""
+
+
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
     """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     low = {c.lower().replace("-", "").replace("_", ""): c for c in choices}
@@ -41,21 +54,36 @@ def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
     return " Did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
 
 
+BUILT_IN = "built-in"
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One registered object: its key, the factory, and its metadata."""
+    """One registered object: its key, the factory, its metadata and where it comes from
+    (``origin``: 'built-in', or the plugin's distribution)."""
 
     name: str
     factory: Callable[..., Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    origin: str = BUILT_IN
 
 
 class Registry:
-    """Maps public names to factories with metadata (e.g. family, paper, version)."""
+    """Maps public names to factories with metadata (e.g. family, paper, version).
 
-    def __init__(self, kind: str):
+    ``plugin_group``: the entry-point group whose plugins (and class references) this
+    registry resolves; ``adopt(name, obj, source) -> Entry`` checks such an object and raises
+    ``backbones.plugins.PluginError`` when it cannot be used (no group: built-ins only).
+    """
+
+    def __init__(self, kind: str, plugin_group: str | None = None,
+                 adopt: Callable[[str, Any, Any], Entry] | None = None):
         self.kind = kind
+        self.plugin_group = plugin_group
+        self._adopt = adopt
         self._entries: dict[str, Entry] = {}
+        self._plugins: dict[str, Entry | UnusableNameError] = {}   # resolved once per process
+        self._refused: dict[str, str] = {}
 
     def register(self, name: str | None = None, **meta: Any) -> Callable:
         def decorate(factory: Callable) -> Callable:
@@ -69,22 +97,64 @@ class Registry:
 
         return decorate
 
+    def refuse(self, name: str, reason: str) -> None:
+        """Answer ``name`` with ``reason`` (a known model this registry cannot hold)."""
+        self._refused[name] = reason
+
     def get(self, name: str) -> Entry:
-        try:
+        """The entry of ``name``: built in, else a plugin or class reference (imported and
+        checked on first use). ``UnknownNameError`` (with close names) when nothing matches,
+        ``UnusableNameError`` when it matches something that cannot be used."""
+        if not isinstance(name, str):
+            raise UnknownNameError(self.unknown_message(name))
+        if name in self._entries:
             return self._entries[name]
-        except (KeyError, TypeError):
-            raise UnknownNameError(self.unknown_message(name)) from None
+        if name in self._refused:
+            raise UnusableNameError(f"{self.kind} {name!r} is refused: {self._refused[name]}")
+        if name not in self._plugins and self._adopt is not None:
+            self._plugins[name] = self._resolve(name)
+        found = self._plugins.get(name)
+        if isinstance(found, UnusableNameError):
+            raise found
+        if found is None:
+            raise UnknownNameError(self.unknown_message(name))
+        return found
+
+    def _resolve(self, name: str) -> Entry | UnusableNameError | None:
+        from backbones import plugins
+        try:
+            source = plugins.find(name, self.plugin_group)
+            if source is None:
+                return None
+            obj = plugins.load(source)
+            self._entries.pop(name, None)     # a plugin that registered itself on import
+            return self._adopt(name, obj, source)
+        except UnusableNameError as err:
+            return err
 
     def unknown_message(self, name: Any) -> str:
         names = self.names()
-        return (f"unknown {self.kind} {name!r}.{did_you_mean(str(name), names)}"
-                f" Available: {', '.join(names)}")
+        extra = [n for n in self.plugin_names() if n not in names]
+        more = f"; plugins: {', '.join(extra)}" if extra else ""
+        return (f"unknown {self.kind} {name!r}.{did_you_mean(str(name), names + extra)}"
+                f" Available: {', '.join(names)}{more}")
 
     def names(self) -> list[str]:
+        """The built-in entries (plugins: ``plugin_names``)."""
         return sorted(self._entries)
 
+    def plugin_names(self) -> list[str]:
+        """The installed plugins of this registry's entry-point group (not imported)."""
+        if self.plugin_group is None:
+            return []
+        from backbones import plugins
+        return sorted(set(plugins.entry_points(self.plugin_group)) - set(self._entries))
+
+    def refused(self) -> dict[str, str]:
+        return dict(self._refused)
+
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self.plugin_names()
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(self._entries[k] for k in self.names())
@@ -95,7 +165,12 @@ class Registry:
 
 # -- the backbone registry and the weights resolution shared by its entries ----------
 
-REGISTRY = Registry("backbone")
+def _adopt_backbone(name: str, factory: Any, source: Any) -> Entry:
+    from backbones.plugins import adopt_backbone
+    return adopt_backbone(name, factory, source)
+
+
+REGISTRY = Registry("backbone", plugin_group="lcam_bench.backbones", adopt=_adopt_backbone)
 
 
 class WeightsError(ValueError):

@@ -6,6 +6,12 @@
 
 Every method has a ``variant``: ``paper`` (its own paper, the default), ``reference`` (what
 the L-CAM authors ran) and, for Score-CAM, ``channel_softmax`` (the popular libraries' form).
+
+Other packages add methods as plugins: an ``Explainer`` subclass declared as an entry point
+of the group ``lcam_bench.methods``, or named in a spec as ``package.module:Class``
+(``methods.plugins`` says what is checked; docs/plugins.md shows one in 40 lines).
+``names()`` lists the built-in methods, ``REGISTRY.plugin_names()`` the installed plugins;
+``create`` and ``method_class`` take either.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ def create(name: str, backbone, **params: Any) -> Explainer:
 
 
 def names() -> list[str]:
+    """The built-in methods (installed plugins: ``REGISTRY.plugin_names()``)."""
     return REGISTRY.names()
 
 

@@ -95,7 +95,8 @@ def train_step(backbone, head, images, gt_labels, cfg: TrainConfig, optimizer=No
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
-    out = {k: float(v.detach()) for k, v in terms.items()}
+    # The terms stay on the device (no host sync per term and step); callers sum them there.
+    out: dict = {k: v.detach() for k, v in terms.items()}
     out["n"] = len(images)
     return out
 
@@ -115,17 +116,18 @@ def seed_epoch(seed: int, epoch: int, generator: torch.Generator | None = None) 
 
 def run_epoch(backbone, head, loader: Iterable, cfg: TrainConfig, optimizer=None,
               device="cpu") -> dict:
-    """Mean loss terms over one pass of ``loader`` (training when ``optimizer`` is given)."""
-    sums: dict[str, float] = {}
+    """Mean loss terms over one pass of ``loader`` (training when ``optimizer`` is given),
+    summed in float64 on the device and read back once at the end."""
+    sums: dict[str, torch.Tensor] = {}
     n = 0
     for batch in loader:
         images, gt = batch[0], batch[1]
         step = train_step(backbone, head, images.to(device), gt.to(device), cfg, optimizer)
         for k, v in step.items():
             if k != "n":
-                sums[k] = sums.get(k, 0.0) + v * step["n"]
+                sums[k] = sums.get(k, 0.0) + v.double() * step["n"]
         n += step["n"]
-    return {k: v / max(n, 1) for k, v in sums.items()} | {"images": n}
+    return {k: float(v) / max(n, 1) for k, v in sums.items()} | {"images": n}
 
 
 def save_head(path: str | Path, head: nn.Module, meta: dict) -> Path:

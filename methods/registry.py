@@ -1,14 +1,28 @@
-"""The method registry (one instance of ``backbones.registry.Registry``) and its decorator."""
+"""The method registry (one instance of ``backbones.registry.Registry``) and its decorator.
+
+Built-in methods register with ``register``; plugins (entry points of the group
+``lcam_bench.methods``, or a class reference ``package.module:Class``) are resolved by the
+same registry on first use and checked by ``methods.plugins.adopt_method``.
+"""
 from backbones.registry import Registry
 
-REGISTRY = Registry("method")
+PLUGIN_GROUP = "lcam_bench.methods"
+
+
+def _adopt(name, cls, source):
+    from .plugins import adopt_method
+    return adopt_method(name, cls, source)
+
+
+REGISTRY = Registry("method", plugin_group=PLUGIN_GROUP, adopt=_adopt)
 
 
 def register(cls):
-    """Register an ``Explainer`` subclass under ``cls.name``.
+    """Register a built-in ``Explainer`` subclass under ``cls.name``.
 
     The registry's metadata (display name, family, paper) is read from the class attributes,
-    so each is written once, on the class.
+    so each is written once, on the class. Plugins do not call this: their entry point (or a
+    class reference in a spec) is what makes them known.
     """
     REGISTRY.register(cls.name, display_name=cls.display_name, family=cls.family,
                       paper=cls.paper)(cls)

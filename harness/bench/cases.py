@@ -28,6 +28,14 @@ DISPLAY = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "scorecam": "Score-
            "pgc_scorecam": "ScoreCAM"}
 
 
+def display(key: str) -> str:
+    """The display name of a benchmarked method: ours, the library's, or a plugin's own."""
+    if key in DISPLAY:
+        return DISPLAY[key]
+    import methods
+    return methods.method_class(key).display_name
+
+
 # -- the cases --------------------------------------------------------------------------------
 def _scorecam_class(channels: int | None):
     import methods
@@ -75,7 +83,7 @@ def our_case(b: Bench, key: str) -> Case:
                     lambda p: ex.last_forward_passes, warm=lambda: warm.explain(x[:1]),
                     repeats=b.costly_repeats)
     ex = methods.create(key, bb)
-    return Case(key, "ours", DISPLAY[key], lambda: ex.explain(b.images), a.batch,
+    return Case(key, "ours", display(key), lambda: ex.explain(b.images), a.batch,
                 f"{a.batch} img", ex.forward_passes, ex.forward_passes,
                 lambda p: ex.last_forward_passes, repeats=a.repeats)
 

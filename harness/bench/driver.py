@@ -65,7 +65,7 @@ from typing import Any
 
 import torch
 
-from harness.bench.cases import (DISPLAY, LIBRARY, OURS, bench_evaluation, bench_training,
+from harness.bench.cases import (LIBRARY, OURS, bench_evaluation, bench_training, display,
                             library_case, our_case, rise_memory_probe)
 from harness.bench.timing import TARGET_RATIO, Bench, _summary, memory_method
 from harness.data.cache import write_text_atomic
@@ -181,6 +181,15 @@ def render(results: dict, console) -> None:
                           + "; ".join(parts + errs))
 
 
+def _known(registry, name: str) -> bool:
+    """Whether ``name`` resolves in the registry (built in, a plugin or a class reference)."""
+    try:
+        registry.REGISTRY.get(name)
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 when it ran (targets missed are reported, not failed), 2 on usage."""
     from harness.terminal import make_console
@@ -188,12 +197,12 @@ def main(args: argparse.Namespace) -> int:
     import methods
     console = make_console()
     err = make_console(stderr=True)
-    unknown = [m for m in args.methods if m not in OURS + LIBRARY]
+    unknown = [m for m in args.methods if m not in OURS + LIBRARY and not _known(methods, m)]
     if unknown:
         print(f"error: unknown method(s) {', '.join(unknown)}; choose from "
               f"{', '.join(OURS + LIBRARY)}", file=sys.stderr)
         return 2
-    bad_bb = [n for n in args.backbones if n not in backbones.names()]
+    bad_bb = [n for n in args.backbones if not _known(backbones, n)]
     if bad_bb:
         print(f"error: unknown backbone(s) {', '.join(bad_bb)}; available: "
               f"{', '.join(backbones.names())}", file=sys.stderr)
@@ -210,7 +219,7 @@ def main(args: argparse.Namespace) -> int:
     if small or args.warmup < 0:
         print(f"error: {', '.join(small or ['--warmup'])} must be positive", file=sys.stderr)
         return 2
-    if args.eval_method not in methods.names():
+    if not _known(methods, args.eval_method):
         print(f"error: --eval-method {args.eval_method!r} is not a method", file=sys.stderr)
         return 2
     if any(m.startswith("pgc_") for m in args.methods):
@@ -241,11 +250,11 @@ def _bench_backbone(args: argparse.Namespace, name: str, err) -> dict[str, Any]:
         err.log(f"{name}: {key}")
         close = None
         try:
-            case = our_case(b, key) if key in OURS else library_case(b, key)
+            case = library_case(b, key) if key in LIBRARY else our_case(b, key)
             close = case.extra.pop("close", None)
             r["methods"][key] = b.measure(case)
         except Exception as exc:  # e.g. the library under --autocast on CPU (no bf16 numpy)
-            r["methods"][key] = {"display_name": DISPLAY[key],
+            r["methods"][key] = {"display_name": display(key),
                                  "error": f"{type(exc).__name__}: {exc}"}
             err.print(f"{name}: {key} failed: {type(exc).__name__}: {exc}")
         finally:

@@ -27,6 +27,7 @@ COMMANDS = {
     "report": ("harness.cli.report", "Table 1, CSV and plots of a finished run, from MLflow"),
     "explain": ("harness.cli.explain", "class-specific saliency overlays for your own images"),
     "bench": ("harness.cli.bench", "cost per explanation against the #FW floor"),
+    "gpu-check": ("harness.cli.gpu_check", "the GPU paths checked in minutes (--dry: on CPU)"),
     "ls": ("harness.cli.ls", "list methods, backbones and jobs"),
 }
 

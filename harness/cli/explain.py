@@ -64,13 +64,16 @@ def transform_kind(backbone_name: str) -> str:
     return "quickstart" if str(meta.get("dataset", "")).startswith("quickstart") else "imagenet"
 
 
-def load_images(paths: Sequence[str | Path], input_size, kind: str) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] through the eval transform; ``InputProblem`` naming bad files."""
+def load_images(paths: Sequence[str | Path], input_size, kind: str, resize: int | None = None,
+                interpolation: str = "bilinear") -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] through the eval transform (``resize``, ``interpolation``: the
+    backbone weights' own, ``backbones.preprocessing``); ``InputProblem`` naming bad files."""
     from harness.data.images import DataError, load_image, make_transform
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
         raise InputProblem(f"image file(s) not found: {', '.join(missing)}")
-    transform = make_transform(input_size, train=False, kind=kind)
+    transform = make_transform(input_size, train=False, kind=kind, resize=resize,
+                               interpolation=interpolation)
     try:
         return torch.stack([transform(load_image(p)) for p in paths])
     except DataError as err:
@@ -157,7 +160,10 @@ def run(args) -> list[dict]:
         bb = load_backbone(args.backbone, **kwargs)
     except backbones.WeightsError as err:
         raise InputProblem(str(err)) from None
-    images = load_images(args.images, bb.input_size, kind)
+    pre = backbones.preprocessing(args.backbone, *kwargs.values())       # the weights' own
+    own = kind == "imagenet"
+    images = load_images(args.images, bb.input_size, kind, pre.resize if own else None,
+                         pre.interpolation if own else "bilinear")
     params = parse_params(args.param)
     if args.checkpoint:
         params["checkpoint"] = args.checkpoint

@@ -22,7 +22,9 @@ Preprocessing (docs/protocol.md section 3), derived from the backbone's ``input_
 shorter side to ``resize`` (bilinear), center crop ``input_size``, to [0, 1], *no*
 normalisation (backbones normalise inside); train = shorter side to ``resize``, random crop,
 horizontal flip. For ``imagenet``, ``resize = round(input_size * 256 / 224)`` (224 -> 256,
-the paper's recipe; 64 -> 73). For ``quickstart`` the images are generated at the embedded
+the paper's recipe; 64 -> 73), unless the backbone's weights bring their own
+(``backbones.preprocessing``: ``resize`` and ``interpolation``, e.g. EfficientNet-B3's 320,
+bicubic, for its 300 crop; the plan passes them). For ``quickstart`` the images are generated at the embedded
 backbones' size, so ``resize = input_size`` (no crop: nothing of the planted cue in the corner
 is cut away; the train transform then only flips, which mirrors the cue to the top-right
 corner in half of the draws). ``resize=`` overrides the rule.
@@ -82,11 +84,13 @@ def sizes_for(input_size, kind: str = "imagenet") -> tuple[int, tuple[int, int]]
 
 
 def make_transform(input_size, train: bool = False, kind: str = "imagenet",
-                   resize: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB image -> (3, H, W) float tensor in [0, 1], the paper's eval or train recipe."""
+                   resize: int | None = None,
+                   interpolation: str = "bilinear") -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image -> (3, H, W) float tensor in [0, 1], the paper's eval or train recipe
+    (``resize``, ``interpolation``: a backbone's own, from its weights' transforms)."""
     default_resize, crop = sizes_for(input_size, kind)
     resize = int(resize or default_resize)
-    steps = [T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR)]
+    steps = [T.Resize(resize, interpolation=T.InterpolationMode(interpolation))]
     if train:
         steps += [T.RandomCrop(crop), T.RandomHorizontalFlip()]
     else:
@@ -319,7 +323,8 @@ def select(items: list, random_count: int | None = None, limit: int | None = Non
 def build_dataset(kind: str, split: str, input_size, root: str | Path | None = None,
                   list_file: str | Path | None = None, random_count: int | None = None,
                   limit: int | None = None, seed: int = 0, on_bad_image: str = "stop",
-                  train: bool = False, resize: int | None = None) -> ImageDataset:
+                  train: bool = False, resize: int | None = None,
+                  interpolation: str = "bilinear") -> ImageDataset:
     """Build the data set the runner evaluates or trains on (see the module doc).
 
     ``kind``: ``quickstart`` (generated on first use when ``root`` is None; ``val`` defaults to
@@ -367,8 +372,10 @@ def build_dataset(kind: str, split: str, input_size, root: str | Path | None = N
             "list_file": str(list_file) if list_file is not None else None,
             "random_count": random_count, "limit": limit, "seed": seed, "train": train,
             "resize": res, "crop": list(crop)}
-    ds = ImageDataset(items, make_transform(input_size, train, kind, res), classes,
-                      on_bad_image, missing, info)
+    if interpolation != "bilinear":
+        info["interpolation"] = interpolation
+    ds = ImageDataset(items, make_transform(input_size, train, kind, res, interpolation),
+                      classes, on_bad_image, missing, info)
     if on_bad_image == "skip" and not train:
         ds.verify()
     return ds

@@ -4,10 +4,16 @@ The evaluation writes one row per image (``harness.pipeline.shards``); its colum
 
     image_id, class_explained, ground_truth, Y, O_<k> for every kept fraction <k> (percent),
     degenerate, forward_passes (measured), seconds (explanation wall time per image), shard,
-    and the localisation energy shares (``harness.metrics.localisation.COLUMNS``)
+    and the localisation energy shares (``harness.metrics.localisation.COLUMNS``); when
+    ``evaluation.metrics`` asks for them, ``deletion_auc``, ``insertion_auc`` and their
+    forwards ``deletion_forward_passes``, ``insertion_forward_passes``
+    (``harness.metrics.causal``)
 
 ``aggregate`` computes the run's numbers from them (docs/protocol.md section 2) and refuses
 partial or doubled data: a result is reported from exactly the images planned, each once.
+``per_image_terms`` gives the per-image terms whose means these numbers are (the AD term
+``100 max(0, Y - O) / Y``, the IC indicator ``100 [O > Y]``, the AUCs, the localisation
+shares), for the intervals and tests of ``harness.metrics.statistics``.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -58,4 +65,40 @@ def aggregate(table: pa.Table, fractions: Sequence[float], nominal_fw: int,
     out["seconds_per_image"] = float(sum(secs) / n) if n else math.nan
     out["degenerate_maps"] = float(sum(table.column("degenerate").to_pylist()))
     out["images"] = float(n)
+    for metric in CAUSAL:              # deletion/insertion, when the rows have them
+        if f"{metric}_auc" in table.column_names:
+            out[f"{metric}_auc"] = float(np.mean(table.column(f"{metric}_auc").to_numpy()))
+            out[f"FW_{metric}"] = float(np.mean(
+                table.column(f"{metric}_forward_passes").to_numpy()))
+    return out
+
+
+CAUSAL = ("deletion", "insertion")
+#: per-image localisation columns -> the metric their mean is logged as
+#: (``harness.metrics.localisation.energy_metrics``)
+LOCALISATION = {"energy_box": "localisation_energy", "energy_mask": "localisation_energy_mask",
+                "energy_cue": "localisation_cue_energy",
+                "energy_cue_object": "localisation_cue_object_energy"}
+
+
+def per_image_terms(table: pa.Table, fractions: Sequence[float]) -> dict[str, np.ndarray]:
+    """Metric -> its per-image terms (float64, NaN where not defined), in row order:
+    ``AD_<k>`` (100 max(0, Y - O) / Y, 0 where Y <= 0), ``IC_<k>`` (100 [O > Y]), the
+    causal AUCs and the localisation shares present in ``table``. Each metric of
+    ``aggregate`` / ``energy_metrics`` is the mean (NaNs left out) of its terms."""
+    y = np.asarray(table.column("Y").to_numpy(), dtype=np.float64)
+    out: dict[str, np.ndarray] = {}
+    for f, col in zip(fractions, columns(fractions)):
+        o = np.asarray(table.column(col).to_numpy(), dtype=np.float64)
+        safe = np.where(y > 0, y, 1.0)
+        out[f"AD_{fraction_key(f)}"] = np.where(y > 0, 100.0 * np.maximum(y - o, 0) / safe, 0.0)
+        out[f"IC_{fraction_key(f)}"] = 100.0 * (o > y)
+    for metric in CAUSAL:
+        if f"{metric}_auc" in table.column_names:
+            out[f"{metric}_auc"] = np.asarray(table.column(f"{metric}_auc").to_numpy(),
+                                              dtype=np.float64)
+    for col, metric in LOCALISATION.items():
+        if col in table.column_names:
+            values = table.column(col).to_pylist()
+            out[metric] = np.array([np.nan if v is None else v for v in values], np.float64)
     return out

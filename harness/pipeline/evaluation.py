@@ -20,6 +20,7 @@ from typing import Callable
 
 import methods
 from harness.data.cache import file_hash, stable_hash
+from harness.pipeline import devices
 from harness.pipeline.inputs import Inputs
 from harness.pipeline.plan import Cell, Plan
 from harness.pipeline.shards import (ROWS_VERSION, AnalysisJob, ShardJob, finished_analysis,
@@ -41,6 +42,12 @@ class CellWork:
     def shard_paths(self) -> list[Path]:
         return [Path(j.out_path) for j in self.jobs]
 
+    @property
+    def complete(self) -> bool:
+        """Every shard file and the analysis result exist (nothing left to compute)."""
+        return (all(p.exists() for p in self.shard_paths)
+                and finished_analysis(self.shard_dir / "artifacts") is not None)
+
 
 def cell_identity(plan: Plan, inputs: Inputs, cell: Cell, checkpoint: str | None) -> dict:
     ev = plan.evaluation
@@ -52,15 +59,25 @@ def cell_identity(plan: Plan, inputs: Inputs, cell: Cell, checkpoint: str | None
             "head": file_hash(checkpoint) if checkpoint else None,
             "method_version": methods.method_class(cell.method).version,
             "rows_version": ROWS_VERSION, "autocast": ev.autocast,
-            "channels_last": ev.channels_last}
+            "channels_last": ev.channels_last, **ev.causal_identity(), **_device_identity(ev)}
 
 
-def shard_jobs(plan: Plan, inputs: Inputs, heads: dict[str, str | None],
+def _device_identity(ev) -> dict:
+    """The device type and arithmetic a cell's rows are computed with (CPU shards are never
+    reused by a GPU run, nor float32 ones by a TF32 or autocast one). Absent for the CPU and
+    float32 defaults, so that existing CPU caches keep their names."""
+    device = "cuda" if ev.gpus_per_task > 0 else "cpu"
+    out = {"device": device, "precision": devices.precision_name(ev.autocast, ev.tf32, device),
+           "deterministic": ev.deterministic}
+    return {} if out == {"device": "cpu", "precision": "float32", "deterministic": False} else out
+
+
+def shard_jobs(plan: Plan, inputs: Inputs, heads: dict[str, Path],
                root: Path) -> list[CellWork]:
     """Every cell's shards (``heads``: cell key -> its head checkpoint, for learned cells)."""
     ev, works = plan.evaluation, []
     for cell in plan.cells:
-        checkpoint = heads.get(cell.key)
+        checkpoint = str(heads[cell.key]) if cell.key in heads else None
         folder = root / "shards" / cell.backbone / (
             f"{cell.method_id}-{stable_hash(cell_identity(plan, inputs, cell, checkpoint))}")
         n, per = inputs.images(cell.backbone), ev.images_per_task
@@ -74,27 +91,43 @@ def shard_jobs(plan: Plan, inputs: Inputs, heads: dict[str, str | None],
     return works
 
 
+class StalledError(RuntimeError):
+    """No evaluation task finished within ``sharding.stall_timeout_s``."""
+
+
+def _stalled(pending: dict, ev) -> str:
+    import ray
+    cells = sorted({work.cell.key for work, _ in pending.values()})
+    return (f"no evaluation task finished in {ev.stall_timeout_s:g} s (sharding.stall_timeout_s);"
+            f" {len(pending)} still pending ({', '.join(cells[:5])}{', ...' if len(cells) > 5 else ''})"
+            f"; the cluster has {ray.cluster_resources()} of which available now "
+            f"{ray.available_resources()}. A lost node, or a shard that legitimately takes "
+            "longer (raise the timeout)")
+
+
 def _error(err: Exception) -> str:
     err = getattr(err, "cause", None) or err      # unwrap RayTaskError
     return f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
 
 
 def evaluate(plan: Plan, works: list[CellWork],
-             progress: Callable[[str, int, int | None], None],
-             start_ray: Callable[[], None]) -> None:
-    """Run the missing shards, then each cell's analysis; fills ``work.error``/``.analysis``.
-    ``start_ray()`` is called first unless every shard and analysis exists already."""
-    if all(Path(j.out_path).exists() for w in works for j in w.jobs) and all(
-            finished_analysis(w.shard_dir / "artifacts") for w in works):
+             progress: Callable[[str, int, int | None], None]) -> None:
+    """Run the missing shards, then each cell's analysis; fills ``work.error``/``.analysis``
+    (a cell already complete in the cache is only read back)."""
+    if all(w.complete for w in works):
         for work in works:
             work.analysis = finished_analysis(work.shard_dir / "artifacts")
             progress(f"evaluate {work.cell.key}", len(work.jobs) + 1, len(work.jobs) + 1)
         return
-    start_ray()
     import ray
     ev = plan.evaluation
     options = dict(num_cpus=ev.cpus_per_task, num_gpus=ev.gpus_per_task,
                    max_retries=ev.max_retries, retry_exceptions=[OSError, RuntimeError])
+    if ev.gpus_per_task > 0:
+        # A fresh worker process per GPU task: a reused one would keep the CUDA context and
+        # the cached model of the first GPU it was given (Ray's default for GPU functions,
+        # which ``.options(num_gpus=...)`` alone does not apply).
+        options["max_calls"] = 1
     shard_task = ray.remote(run_shard).options(**options)
     analysis_task = ray.remote(run_analysis).options(**options)
     pending: dict = {}
@@ -122,7 +155,9 @@ def evaluate(plan: Plan, works: list[CellWork],
             else:
                 analyse(work)
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=ev.stall_timeout_s)
+        if not ready:
+            raise StalledError(_stalled(pending, ev))
         work, kind = pending.pop(ready[0])
         key = work.cell.key
         try:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from harness.data.cache import stable_hash
+from harness.pipeline import devices
 from harness.pipeline.inputs import Inputs
 from harness.pipeline.plan import HeadGroup, HeadPlan, Plan
 from methods.lcam import AttentionHead
@@ -102,7 +103,6 @@ class _Heads:
     """The heads of one worker of a fit, their optimisers and schedulers, and one epoch."""
 
     def __init__(self, group: HeadGroup, backbone, device, world: int):
-        import ray.train.torch
         self.backbone, self.device, self.world = backbone, device, world
         self.cfgs = {h.method_id: h.config for h in group.heads}
         self.heads, self.optims, self.scheds = {}, {}, {}
@@ -110,7 +110,10 @@ class _Heads:
             torch.manual_seed(cfg.seed)                   # identical initial heads on every rank
             head = AttentionHead(backbone.feature_channels, backbone.num_classes).to(device)
             self.optims[hid], self.scheds[hid] = make_optimizer(head, cfg)
-            self.heads[hid] = ray.train.torch.prepare_model(head) if world > 1 else head
+            if world > 1:
+                import ray.train.torch
+                head = ray.train.torch.prepare_model(head)
+            self.heads[hid] = head
 
     def active(self, epoch: int) -> list[str]:
         """The heads still training at ``epoch`` (a group's heads may differ in epochs)."""
@@ -131,8 +134,8 @@ class _Heads:
                 self.heads[hid].train()
                 step = train_step(self.backbone, self.heads[hid], images, gt, self.cfgs[hid],
                                   self.optims[hid], feats=feats, model_labels=model_labels)
-                for k, v in step.items():
-                    sums[hid][k] = sums[hid].get(k, 0.0) + v * (1 if k == "n" else step["n"])
+                for k, v in step.items():                 # float64 sums on the device
+                    sums[hid][k] = sums[hid].get(k, 0) + (v if k == "n" else v.double() * step["n"])
         return self._means(sums)
 
     def _means(self, sums: dict[str, dict]) -> dict[str, dict]:
@@ -140,10 +143,11 @@ class _Heads:
         training device: NCCL takes no CPU tensors), then the learning-rate step."""
         out = {}
         for hid, s in sums.items():
-            totals = torch.tensor([s.get(k, 0.0) for k in ("loss", "tv", "area", "ce", "n")],
-                                  dtype=torch.float64, device=self.device)
-            if self.world > 1:
-                torch.distributed.all_reduce(totals)
+            totals = torch.stack([torch.as_tensor(s.get(k, 0.0), dtype=torch.float64,
+                                                  device=self.device)
+                                  for k in ("loss", "tv", "area", "ce", "n")])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(totals)      # a sum over the fit's workers
             totals = totals.cpu()
             n = max(totals[4].item(), 1.0)
             out[hid] = {"loss": totals[0].item() / n, "tv": totals[1].item() / n,
@@ -176,6 +180,18 @@ def _report(config: dict, trainer: _Heads, epoch: int, per_head: dict, rank: int
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+def loader_options(device: torch.device, threads: int) -> dict:
+    """DataLoader settings: on GPU, decoding and augmenting in worker processes with pinned
+    memory and prefetch so the GPU is not kept waiting; on CPU, in the training process
+    (the cores are the training's, and the augmentation draws stay those of the seeded
+    epoch: ``seed_epoch``)."""
+    if device.type != "cuda":
+        return {"num_workers": 0}
+    workers = max(2, threads)
+    return {"num_workers": workers, "pin_memory": True, "prefetch_factor": 4,
+            "persistent_workers": True}
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train loop (runs on every worker); ``config["group"]`` is a ``HeadGroup``."""
     import ray.train
@@ -188,7 +204,11 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(group.num_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if group.use_gpu else torch.device("cpu")
+    device = torch.device("cpu")
+    if group.use_gpu:
+        devices.task_device(1, f"the head training of {group.backbone} (train.use_gpu)")
+        device = ray.train.torch.get_device()
+    devices.set_precision(device, group.tf32, group.deterministic)
     backbone = load_backbone(group.backbone, weights=group.weights).to(device)
     trainer = _Heads(group, backbone, device, world)
     start = _resume(trainer.heads, trainer.optims, trainer.scheds, device)
@@ -196,7 +216,7 @@ def train_loop_per_worker(config: dict) -> None:
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                  seed=config["seed"], drop_last=False)
     loader = DataLoader(dataset, batch_size=max(1, group.batch_size // world),
-                        sampler=sampler, num_workers=0, pin_memory=device.type == "cuda")
+                        sampler=sampler, **loader_options(device, group.num_threads))
     for epoch in range(start, group.epochs):
         sampler.set_epoch(epoch)
         seed_epoch(config["seed"], epoch)      # the sampler's shuffle is seeded by set_epoch
@@ -241,10 +261,13 @@ def fit_heads(group: HeadGroup, *, name: str, seed: int, storage_path: Path,
 
 def head_identity(group: HeadGroup, head: HeadPlan, weights_id: str) -> dict:
     """Everything that determines a trained head (its cache file is named by a hash of it)."""
-    return {"backbone": group.backbone, "weights": weights_id,
-            "group": [group.backbone, group.batch_size, group.workers, group.use_gpu,
-                      dataclasses.asdict(group.images)],
-            "cfg": train_config_dict(head.config), "train_version": TRAIN_VERSION}
+    out = {"backbone": group.backbone, "weights": weights_id,
+           "group": [group.backbone, group.batch_size, group.workers, group.use_gpu,
+                     group.images.identity()],
+           "cfg": train_config_dict(head.config), "train_version": TRAIN_VERSION}
+    if group.tf32 or group.deterministic:           # absent at the defaults: names kept
+        out["precision"] = {"tf32": group.tf32, "deterministic": group.deterministic}
+    return out
 
 
 def write_heads(states: dict[str, dict], backbone, group: HeadGroup,
@@ -281,17 +304,15 @@ def _fit_name(group: HeadGroup, files: list[Path]) -> str:
 
 
 def train_heads(plan: Plan, inputs: Inputs, root: Path, tracking_uri: str,
-                run_ids: dict[str, str], progress, start_ray) -> dict[str, Path]:
+                run_ids: dict[str, str], progress) -> dict[str, Path]:
     """Train every head not in the cache (one Ray Train fit per group, resumable); returns
-    ``head_files``. ``progress(label, done, total)`` follows the epochs of each fit;
-    ``start_ray()`` is called before the first fit (never if every head exists)."""
+    ``head_files``. ``progress(label, done, total)`` follows the epochs of each fit."""
     files = head_files(plan, inputs, root)
     for group in plan.head_groups:
         missing = [h for h in group.heads
                    if not files[f"{group.backbone}/{h.method_id}"].exists()]
         if not missing:
             continue
-        start_ray()
         group = dataclasses.replace(group, heads=tuple(missing))
         paths = {h.method_id: files[f"{group.backbone}/{h.method_id}"] for h in missing}
         name = _fit_name(group, list(paths.values()))

@@ -30,6 +30,7 @@ from typing import Any
 import backbones
 import methods
 from harness.metrics.protocol import PAPER, ProtocolPreset
+from harness.metrics.statistics import StatisticsSettings
 from methods.lcam_train import TrainConfig
 
 DEFAULT_INPUT_SIZE = (224, 224)    # torchvision classifiers; registry entries may say otherwise
@@ -49,11 +50,22 @@ class ImageSet:
     seed: int = 0
     on_bad_image: str = "stop"
     train: bool = False
+    resize: int | None = None          # the weights' own (torchvision families), else the rule
+    interpolation: str = "bilinear"
 
     def build(self):
         """The data set (reads the image list; evaluation sets under ``skip`` decode too)."""
         from harness.data.images import build_dataset
         return build_dataset(**dataclasses.asdict(self))
+
+    def identity(self) -> dict:
+        """What determines these images, for cache names: the fields, without the weights'
+        preprocessing when it is the default (existing heads keep their names)."""
+        out = dataclasses.asdict(self)
+        for key, default in (("resize", None), ("interpolation", "bilinear")):
+            if out[key] == default:
+                del out[key]
+        return out
 
     def expected_count(self) -> int | None:
         """How many images the set will hold, when the spec alone tells (else None)."""
@@ -94,6 +106,8 @@ class HeadGroup:
     use_gpu: bool
     num_threads: int
     heads: tuple[HeadPlan, ...]
+    tf32: bool = False                  # TF32 on CUDA (off: float32)
+    deterministic: bool = False         # deterministic algorithms (GPU: see heads.py)
 
     @property
     def epochs(self) -> int:
@@ -129,7 +143,9 @@ class Cell:
 
 @dataclass(frozen=True)
 class EvaluationPlan:
-    """How maps are scored and how the evaluation is sharded over Ray tasks."""
+    """How maps are scored and how the evaluation is sharded over Ray tasks; ``metrics``
+    (``ad_ic`` and the causal ones, ``harness.metrics.causal``) and ``statistics`` (the
+    intervals and tests of ``harness.metrics.statistics``)."""
 
     fractions: tuple[float, ...]
     preset: ProtocolPreset
@@ -141,10 +157,31 @@ class EvaluationPlan:
     cpus_per_task: float
     gpus_per_task: float
     max_retries: int
+    metrics: tuple[str, ...] = ("ad_ic",)
+    causal_steps: int = 224
+    causal_canvas: str = "rise"
+    causal_batch_size: int = 64
+    statistics: StatisticsSettings = StatisticsSettings()
+    tf32: bool = False                  # TF32 matmuls/convolutions on CUDA (off: float32)
+    deterministic: bool = False         # torch's deterministic algorithms (GPU: slower)
+    stall_timeout_s: float = 21600.0    # no shard finished in this long: the run fails
 
     @property
     def num_threads(self) -> int:
         return max(1, int(self.cpus_per_task))
+
+    @property
+    def causal(self) -> tuple[str, ...]:
+        """The causal metrics asked for (deletion, insertion), in the spec's order."""
+        return tuple(m for m in self.metrics if m != "ad_ic")
+
+    def causal_identity(self) -> dict:
+        """What the causal metrics add to a cell's shard identity: nothing when none are
+        asked for (so the folders of existing cells keep their names)."""
+        if not self.causal:
+            return {}
+        return {"causal": {"metrics": list(self.causal), "steps": self.causal_steps,
+                           "canvas": self.causal_canvas, "batch": self.causal_batch_size}}
 
 
 @dataclass(frozen=True)
@@ -178,12 +215,16 @@ def image_set(spec, backbone: str, train: bool) -> ImageSet:
     list_file = d.list_file
     if isinstance(list_file, str) and list_file.startswith("builtin:"):
         list_file = "paper"                       # the shipped Evaluation_2000.txt
+    pre = backbones.preprocessing(backbone, spec.backbone(backbone).weights)
+    own = d.kind == "imagenet"        # the quickstart's images keep their rule (no crop)
     return ImageSet(kind=d.kind, split="train" if train else "val",
-                    input_size=input_size(backbone), root=d.root,
+                    input_size=pre.crop, root=d.root,
                     list_file=None if train else list_file,
                     random_count=None if train else d.random_count,
                     limit=d.train_limit if train else d.limit, seed=spec.seed,
-                    on_bad_image=d.on_bad_image, train=train)
+                    on_bad_image=d.on_bad_image, train=train,
+                    resize=pre.resize if own else None,
+                    interpolation=pre.interpolation if own else "bilinear")
 
 
 def train_config(spec, backbone, method, **changes) -> TrainConfig:
@@ -219,15 +260,24 @@ def _head_groups(spec, cells: list[Cell]) -> tuple[HeadGroup, ...]:
         if cell.head is None:
             continue
         t = spec.train_for(spec.backbone(cell.backbone), spec.method(cell.method_id))
-        key = (cell.backbone, t.batch_size, t.workers, bool(t.use_gpu))
+        key = (cell.backbone, t.batch_size, t.workers, bool(t.use_gpu), t.tf32,
+               t.deterministic)
         groups.setdefault(key, []).append(cell.head)
     weights = {b.name: b.weights for b in spec.backbones}
     return tuple(HeadGroup(backbone=name, weights=weights[name],
                            images=image_set(spec, name, train=True), batch_size=batch,
                            workers=workers, use_gpu=gpu,
                            num_threads=max(1, int(spec.sharding.cpus_per_task)),
-                           heads=tuple(heads))
-                 for (name, batch, workers, gpu), heads in groups.items())
+                           heads=tuple(heads), tf32=tf32, deterministic=deterministic)
+                 for (name, batch, workers, gpu, tf32, deterministic), heads in groups.items())
+
+
+def statistics_settings(spec) -> StatisticsSettings:
+    """The spec's ``statistics`` section; its seed defaults to the spec's."""
+    st = spec.statistics
+    return StatisticsSettings(resamples=st.resamples, confidence=st.confidence,
+                              method=st.method, alpha=st.alpha, half_width=st.half_width,
+                              seed=spec.seed if st.seed is None else st.seed)
 
 
 def plan(spec) -> Plan:
@@ -241,7 +291,10 @@ def plan(spec) -> Plan:
         batch_size=ev.batch_size, overlays=ev.overlays, autocast=ev.autocast,
         channels_last=ev.channels_last, images_per_task=sh.images_per_task,
         cpus_per_task=sh.cpus_per_task, gpus_per_task=sh.gpus_per_task,
-        max_retries=sh.max_retries)
+        max_retries=sh.max_retries, metrics=tuple(ev.metrics), causal_steps=ev.causal_steps,
+        causal_canvas=ev.causal_canvas, causal_batch_size=ev.causal_batch_size,
+        statistics=statistics_settings(spec), tf32=ev.tf32, deterministic=ev.deterministic,
+        stall_timeout_s=sh.stall_timeout_s)
     return Plan(name=spec.name, seed=spec.seed, experiment=spec.tracking.experiment or spec.name,
                 cells=tuple(cells), head_groups=_head_groups(spec, cells),
                 images={b.name: image_set(spec, b.name, train=False) for b in spec.backbones},

@@ -53,16 +53,21 @@ def prepare_environment(address: str | None = None) -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
-             env_vars: dict[str, str] | None = None) -> None:
+             env_vars: dict[str, str] | None = None,
+             runtime_env: dict | None = None) -> None:
     """Attach to the cluster, or start the private local Ray (see the module docstring).
 
-    ``env_vars`` reach every worker (Ray Train workers and shard tasks), in both cases.
+    ``env_vars`` reach every worker (Ray Train workers and shard tasks), in both cases, on
+    top of the spec's ``ray.runtime_env`` (e.g. plugins: ``pip``, ``py_modules``).
     """
     prepare_environment(address)
     import ray
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
+    runtime_env = dict(runtime_env or {})
+    if env_vars:                         # the harness's variables win over the spec's
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env_vars}
+    runtime_env = runtime_env or None
     target = cluster_address(address)
     if target:
         ray.init(address=target, log_to_driver=False, runtime_env=runtime_env)

@@ -1,9 +1,10 @@
 """``python -m harness run SPEC``: a benchmark, as a sequence of stages over its plan.
 
     plan = plan(spec)                              what will be computed (pure)
-    inputs = prepare_data(plan)                    data made and checked (bad input: exit 2)
+    inputs = prepare_data(plan); load_backbones()  data made and checked (bad input: exit 2)
+    init_ray(...); resources.check(...)            only if something is left to compute;
+                                                   what can never be scheduled: exit 2
     open_runs(...)                                 MLflow: a parent run, a child per cell
-    load_backbones(...); init_ray(...)
     heads = train_heads(...)                       Ray Train, one fit per head group, cached
     works = shard_jobs(...); evaluate(...)         Ray tasks: shards, then each cell's analysis
     record_cell(...) for each cell; show(...)      numbers and files to MLflow, Table 1
@@ -24,9 +25,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.data.cache import cache_dir, check_persistent, use_storage, write_text_atomic
-from harness.pipeline import ray_runtime
+from harness.pipeline import ray_runtime, resources
 from harness.pipeline.evaluation import evaluate, shard_jobs
-from harness.pipeline.heads import train_heads
+from harness.pipeline.heads import head_files, train_heads
 from harness.pipeline.inputs import load_backbones, prepare_data
 from harness.pipeline.plan import Plan, plan as make_plan
 from harness.results.record import common_tags, open_runs, record_cell, show
@@ -63,7 +64,7 @@ def init_ray(spec) -> None:
     if ray_runtime.cluster_address(spec.ray.address) is None:   # a job's workers have its files
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                           os.environ.get("PYTHONPATH")]))
-    ray_runtime.init_ray(spec.ray.address, spec.ray.num_cpus, env)
+    ray_runtime.init_ray(spec.ray.address, spec.ray.num_cpus, env, spec.ray.runtime_env)
 
 
 class _Bars:
@@ -83,6 +84,15 @@ def _progress(console: Console) -> Progress:
                     TimeElapsedColumn(), console=console, transient=False)
 
 
+def left_to_compute(plan: Plan, inputs, root: Path) -> bool:
+    """Whether any head, shard or analysis of the plan is not in the cache yet (a rerun that
+    only re-aggregates starts no Ray)."""
+    heads = head_files(plan, inputs, root)
+    if not all(p.exists() for p in heads.values()):
+        return True
+    return not all(work.complete for work in shard_jobs(plan, inputs, heads, root))
+
+
 def _save_spec(spec, root: Path) -> Path:
     return write_text_atomic(root / "specs" / f"{spec.name}-{spec.fingerprint()}.yaml",
                              yaml.safe_dump(spec.to_dict(), sort_keys=False))
@@ -95,6 +105,10 @@ def run_benchmark(spec, console: Console | None = None) -> RunResult:
     root, plan = cache_dir(), make_plan(spec)
     with _progress(console) as progress:
         inputs = prepare_data(plan, _Bars(progress))
+        load_backbones(plan, inputs, _Bars(progress))
+    if left_to_compute(plan, inputs, root):
+        init_ray(spec)
+        resources.check(resources.demands(plan))
     tracker = Tracker(plan.experiment, uri)
     spec_file = _save_spec(spec, root)
     tags = common_tags(plan, spec.tracking.tags)
@@ -103,14 +117,12 @@ def run_benchmark(spec, console: Console | None = None) -> RunResult:
     try:
         with _progress(console) as progress:
             bars = _Bars(progress)
-            load_backbones(plan, inputs, bars)
             run_ids = open_runs(plan, inputs, tracker, parent_id, tags)
-            start_ray = lambda: init_ray(spec)     # noqa: E731  (only when there is work)
-            heads = train_heads(plan, inputs, root, tracker.uri, run_ids, bars, start_ray)
-            works = shard_jobs(plan, inputs, {k: str(v) for k, v in heads.items()}, root)
+            heads = train_heads(plan, inputs, root, tracker.uri, run_ids, bars)
+            works = shard_jobs(plan, inputs, heads, root)
             for work in works:          # where the per-image rows of this run live
                 tracker.log(run_ids[work.cell.key], tags={"shard_dir": str(work.shard_dir)})
-            evaluate(plan, works, bars, start_ray)
+            evaluate(plan, works, bars)
         for work in works:
             result.metrics[work.cell.key] = record_cell(plan, inputs, work, tracker,
                                                         run_ids[work.cell.key], spec_file)

@@ -27,9 +27,10 @@ import pyarrow.parquet as pq
 import torch
 
 from harness.data.cache import atomic_write, write_text_atomic
-from harness.metrics import localisation
+from harness.metrics import causal, localisation
 from harness.metrics.aggregate import columns, read_rows
 from harness.metrics.protocol import Evaluator
+from harness.pipeline import devices
 from harness.pipeline.plan import Cell, EvaluationPlan, ImageSet
 
 ROWS_VERSION = 2   # bumped whenever the rows a shard writes change (then shards are redone)
@@ -76,26 +77,31 @@ def _load_dataset(images: ImageSet):
     return images.build()
 
 
-def _prepare(cell: Cell, evaluation: EvaluationPlan, checkpoint: str | None):
-    """``(device, backbone, explainer)`` of a task, with its thread count set."""
+def _prepare(cell: Cell, evaluation: EvaluationPlan, checkpoint: str | None, **changes):
+    """``(device, backbone, explainer)`` of a task (``harness.pipeline.devices``: the
+    device, a GPU asked for or an error, float32 unless asked); under ``autocast`` the
+    explainer gets a view of the backbone whose passes alone run in reduced precision.
+    ``changes`` override the method's parameters (a halved batch after running out of
+    memory)."""
     import methods
     torch.set_num_threads(evaluation.num_threads)
-    device = "cuda" if evaluation.gpus_per_task > 0 and torch.cuda.is_available() else "cpu"
-    backbone = _load_backbone(cell.backbone, cell.weights, device, evaluation.channels_last)
-    params = dict(cell.params, **({"checkpoint": checkpoint} if checkpoint else {}))
-    return device, backbone, methods.create(cell.method, backbone, variant=cell.variant, **params)
+    device = devices.task_device(evaluation.gpus_per_task, f"the shard task of {cell.key}")
+    devices.set_precision(device, evaluation.tf32, evaluation.deterministic)
+    backbone = _load_backbone(cell.backbone, cell.weights, str(device), evaluation.channels_last)
+    seen = backbone
+    if evaluation.autocast:
+        seen = backbone.with_autocast(torch.float16 if device.type == "cuda" else torch.bfloat16)
+    params = dict(cell.params, **({"checkpoint": checkpoint} if checkpoint else {}), **changes)
+    return device, backbone, methods.create(cell.method, seen, variant=cell.variant, **params)
 
 
 def explain_batch(explainer, images: torch.Tensor, autocast: bool) -> torch.Tensor:
-    """The explainer's maps as float32; under autocast (bf16 on CPU, fp16 on CUDA) if asked.
-
-    Only the explanation runs in reduced precision: AD/IC are always scored in float32.
-    """
-    if not autocast:
-        return explainer.explain(images)
-    dtype = torch.float16 if images.device.type == "cuda" else torch.bfloat16
-    with torch.autocast(device_type=images.device.type, dtype=dtype):
-        return explainer.explain(images).float()
+    """The explainer's maps as float32. Under ``autocast`` the explainer was given a
+    ``with_autocast`` view of the backbone (``_prepare``): its backbone passes run in
+    bf16 (CPU) or fp16 (CUDA), its own arithmetic in float32; AD/IC are always scored in
+    float32 on the plain backbone."""
+    del autocast                                  # carried by the explainer's backbone view
+    return explainer.explain(images)
 
 
 def _test_fault(out: Path, shard: int) -> None:
@@ -120,15 +126,15 @@ def _test_fault(out: Path, shard: int) -> None:
 class _Rows:
     """The per-image rows of one shard, filled batch by batch."""
 
-    def __init__(self, fractions):
+    def __init__(self, fractions, extra: tuple[str, ...] = ()):
         self.fractions = fractions
         self.data: dict[str, list] = {k: [] for k in (
             "image_id", "class_explained", "ground_truth", "Y", *columns(fractions),
-            "degenerate", "forward_passes", "seconds", "shard", *localisation.COLUMNS)}
+            "degenerate", "forward_passes", "seconds", "shard", *localisation.COLUMNS, *extra)}
 
     def add(self, items, scores, degenerate, energy, fw: float, seconds: float, shard: int):
         d = self.data
-        for col in localisation.COLUMNS:
+        for col in energy:      # localisation columns, and the causal ones when asked for
             d[col] += energy[col]
         for j, (_, label, image_id) in enumerate(items):
             d["image_id"].append(str(image_id))
@@ -154,7 +160,8 @@ def run_shard(job: ShardJob) -> dict:
     device, backbone, explainer = _prepare(job.cell, ev, job.checkpoint)
     evaluator = Evaluator(backbone, ev.fractions, ev.preset)
     dataset = _load_dataset(job.images)
-    rows, kept = _Rows(ev.fractions), {"images": [], "maps": [], "ids": []}
+    rows = _Rows(ev.fractions, causal.columns_for(ev.causal))
+    kept = {"images": [], "maps": [], "ids": []}
     for start in range(0, len(job.indices), ev.batch_size):
         indices = job.indices[start:start + ev.batch_size]
         items = [dataset[i] for i in indices]
@@ -170,7 +177,10 @@ def run_shard(job: ShardJob) -> dict:
         scores = evaluator.evaluate(images, saliency,
                                     logits=None if ev.autocast else explainer.last_logits)
         rows.add(items, scores, scores.degenerate | explainer.last_degenerate,
-                 localisation.energy_columns(dataset, indices, saliency),
+                 {**localisation.energy_columns(dataset, indices, saliency),
+                  **causal.shard_columns(backbone, images, saliency, scores.targets, ev.causal,
+                                         ev.causal_steps, ev.causal_canvas,
+                                         ev.causal_batch_size)},
                  explainer.last_forward_passes, seconds, job.shard)
         room = job.save_maps - len(kept["ids"])
         if room > 0:

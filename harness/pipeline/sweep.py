@@ -28,6 +28,8 @@ import yaml
 
 from harness.errors import UserError
 from harness.data.cache import cache_dir, write_text_atomic
+from harness.pipeline import devices, resources
+from harness.pipeline.heads import loader_options
 from harness.pipeline.plan import ImageSet, image_set, train_config
 from methods.lcam_train import TrainConfig
 
@@ -65,6 +67,7 @@ class TrialBase:
     threads: int
     fraction: float | None             # the kept fraction of an AD/IC metric, else None
     config: TrainConfig                # the spec's training of the method (plan.train_config)
+    gpus: float = 0.0                  # sweep.gpus_per_trial: the trial trains on CUDA
 
     def trial_config(self, searched: dict) -> TrainConfig:
         """The base config with a trial's sampled values (lambda1-4, lr, lr_decay, epochs)."""
@@ -110,27 +113,30 @@ def trial(config: dict, base: TrialBase) -> None:
     from methods.lcam_train import make_optimizer, run_epoch, seed_epoch
 
     torch.set_num_threads(max(1, base.threads))
+    device = devices.task_device(base.gpus, "a Tune trial (sweep.gpus_per_trial)")
+    devices.set_precision(device)
     cfg = base.trial_config(config)
-    bb = load_backbone(base.backbone, weights=base.weights)
+    bb = load_backbone(base.backbone, weights=base.weights).to(device)
     train_set = Subset(base.images.build(), list(base.train_idx))
     val_set = Subset(dataclasses.replace(base.images, train=False).build(), list(base.val_idx))
     gen = torch.Generator().manual_seed(cfg.seed)
+    options = loader_options(device, base.threads)
     train_loader = DataLoader(train_set, batch_size=base.batch_size, shuffle=True,
-                              generator=gen)
-    val_loader = DataLoader(val_set, batch_size=base.batch_size)
+                              generator=gen, **options)
+    val_loader = DataLoader(val_set, batch_size=base.batch_size, **options)
     torch.manual_seed(cfg.seed)
-    head = AttentionHead(bb.feature_channels, bb.num_classes)
+    head = AttentionHead(bb.feature_channels, bb.num_classes).to(device)
     optimizer, scheduler = make_optimizer(head, cfg)
     start = _resume(head, optimizer, scheduler)
     explainer = methods.create(base.method, bb) if base.fraction else None
     for epoch in range(start, cfg.epochs):
         seed_epoch(cfg.seed, epoch, gen)      # a restored trial trains as an unbroken one
         head.train()
-        train = run_epoch(bb, head, train_loader, cfg, optimizer)
+        train = run_epoch(bb, head, train_loader, cfg, optimizer, device)
         scheduler.step()
         head.eval()
         with torch.no_grad():
-            val = run_epoch(bb, head, val_loader, cfg, None)
+            val = run_epoch(bb, head, val_loader, cfg, None, device)
         metrics = {"train_loss": train["loss"], "val_loss": val["loss"], "val_ce": val["ce"],
                    "val_tv": val["tv"], "val_area": val["area"], "epoch": epoch + 1}
         if explainer is not None:
@@ -154,7 +160,7 @@ def trial_base(spec, sweep) -> TrialBase:
                      images=images, train_idx=tuple(train_idx), val_idx=tuple(val_idx),
                      batch_size=spec.train_for(bspec, mspec).batch_size,
                      threads=max(1, int(sweep.cpus_per_trial)), fraction=sweep.fraction(),
-                     config=train_config(spec, bspec, mspec))
+                     config=train_config(spec, bspec, mspec), gpus=sweep.gpus_per_trial)
 
 
 def best_spec(spec, sweep, config: dict) -> dict:
@@ -262,11 +268,13 @@ def run_sweep(spec, resume: bool = False, console=None) -> dict:
         raise SweepExists(f"a sweep of this spec already exists at {exp_dir}: pass --resume "
                           "to continue it, or delete that folder to start over")
     base = trial_base(spec, sweep)
+    init_ray(spec)                               # refuse what can never run before recording
+    resources.check([resources.Demand("each Tune trial", "sweep.cpus_per_trial/gpus_per_trial",
+                                      sweep.cpus_per_trial, sweep.gpus_per_trial)])
     tracker = Tracker(spec.tracking.experiment or spec.name, uri)
     parent = tracker.parent_run(f"sweep {spec.name}", spec.fingerprint(), {
         "git_commit": git_commit(), **package_versions(), "harness_kind": "sweep",
         "backbone": sweep.backbone, "method_id": sweep.method}, role="sweep")
-    init_ray(spec)
     ok = False
     try:
         results = _tuner(spec, sweep, base, exp_dir, resume, tracker.uri, parent).fit()

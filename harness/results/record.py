@@ -4,19 +4,23 @@
   <method>``), with the tags and parameters known before anything is computed; an
   interrupted run of the same spec is resumed, not duplicated (``Tracker``);
 - ``record_cell``: a finished cell's numbers (``harness.metrics.aggregate`` over its rows,
-  the localisation shares, what its analysis task measured), its provenance, and its files
-  (per-image table, overlays, figures, head, resolved spec);
-- ``show``: Table 1 per backbone in the terminal, the same tables and the AD/IC-vs-#FW plots
-  as artifacts of the parent run (``harness.results.report``), the experiment's saved
-  "Table 1" view and the link that opens it.
+  the localisation shares, what its analysis task measured), the bootstrap interval of each
+  mean over images as ``<metric>_ci_low``/``<metric>_ci_high``
+  (``harness.metrics.statistics``), its provenance, and its files (per-image table,
+  overlays, figures, head, resolved spec);
+- ``show``: Table 1 per backbone in the terminal (``value ± half-width``; bold only where
+  significant, by the paired tests of ``harness.results.pairwise``), the same tables, the
+  pairwise matrices and the AD/IC-vs-#FW plots as artifacts of the parent run
+  (``harness.results.report``; the statistics settings as its ``statistics.*``
+  parameters), the experiment's saved "Table 1" view and the link that opens it.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from harness.metrics import localisation
-from harness.metrics.aggregate import aggregate, read_rows
+from harness.metrics import localisation, statistics
+from harness.metrics.aggregate import aggregate, per_image_terms, read_rows
 from harness.metrics.protocol import fraction_key
 from harness.pipeline.evaluation import CellWork
 from harness.pipeline.inputs import Inputs
@@ -61,6 +65,10 @@ def record_cell(plan: Plan, inputs: Inputs, work: CellWork, tracker: Tracker, ru
     metrics = aggregate(rows, plan.evaluation.fractions, cell.forward_passes,
                         inputs.images(cell.backbone))
     metrics.update(localisation.energy_metrics(rows))
+    settings = plan.evaluation.statistics
+    terms = per_image_terms(rows, plan.evaluation.fractions)
+    metrics.update(statistics.intervals({k: v for k, v in terms.items() if k in metrics},
+                                        settings, metrics))
     metrics["skipped_images"] = float(inputs.datasets[cell.backbone].skipped)
     metrics.update(work.analysis.get("metrics", {}))
     explainer = methods.create(cell.method, inputs.backbones[cell.backbone],
@@ -69,7 +77,8 @@ def record_cell(plan: Plan, inputs: Inputs, work: CellWork, tracker: Tracker, ru
     info = explainer.describe()
     tracker.log(run_id, metrics=metrics,
                 tags={k: v for k, v in info.items() if k == "rise_mask_hash"},
-                params={k: v for k, v in info.items() if k != "rise_mask_hash"})
+                params={**{k: v for k, v in info.items() if k != "rise_mask_hash"},
+                        **settings.as_params()})
     for path, folder in work.analysis.get("artifacts", []):
         tracker.artifact(run_id, Path(path), folder)
     if work.checkpoint and Path(work.checkpoint).exists():
@@ -82,23 +91,30 @@ def record_cell(plan: Plan, inputs: Inputs, work: CellWork, tracker: Tracker, ru
 def show(plan: Plan, inputs: Inputs, metrics: dict[str, dict], tracker: Tracker,
          parent_id: str, out_dir: Path, console) -> None:
     """Table 1 per backbone; tables, plots and the saved view in MLflow; where to look."""
-    cols = table.metric_columns([fraction_key(f) for f in plan.evaluation.fractions])
+    from harness.results import report
+    cols = table.metric_columns([fraction_key(f) for f in plan.evaluation.fractions],
+                                tuple(f"{m}_auc" for m in plan.evaluation.causal))
+    data = None
+    if any(metrics.values()):          # the paired tests need every cell's rows: MLflow's
+        tracker.log(parent_id, params=plan.evaluation.statistics.as_params())
+        data = report.collect(tracker.client, tracker.client.get_run(parent_id))
     for name in plan.backbones:
-        rows = [{"method": c.display_name, **metrics[c.key]} for c in plan.cells_of(name)
-                if metrics.get(c.key)]
+        marks = {r["method_id"]: r.get("marks", {})
+                 for r in (data["backbones"].get(name, {}).get("rows", []) if data else [])}
+        rows = [{"method": c.display_name, **metrics[c.key], "marks": marks.get(c.method_id, {})}
+                for c in plan.cells_of(name) if metrics.get(c.key)]
         if not rows:
             continue
         console.print(table.rich_table(f"{name} ({inputs.weights_id(name)}), "
-                                       f"{rows[0].get('images', 0):.0f} images", rows, cols))
+                                       f"{rows[0].get('images', 0):.0f} images", rows, cols,
+                                       report.caption(data or {})))
         bad = inputs.datasets[name].bad
         if bad:    # data.on_bad_image: skip
             console.print(f"{len(bad)} image{'s' if len(bad) > 1 else ''} skipped "
                           "(data.on_bad_image: skip): " + "; ".join(r for _, r in bad[:5])
                           + ("; ..." if len(bad) > 5 else ""),
                           markup=False, highlight=False, soft_wrap=True)
-    if any(metrics.values()):
-        from harness.results import report
-        data = report.collect(tracker.client, tracker.client.get_run(parent_id))
+    if data:
         for path in report.write_report(data, out_dir):
             tracker.artifact(parent_id, path, "report")
         tracker.publish_view(cols)

@@ -9,16 +9,22 @@ runner) through ``MlflowClient`` only. A benchmark is a parent run tagged
 ``harness_role=benchmark``; its method runs are the children (``mlflow.parentRunId``) tagged
 ``harness_role=method`` with tags ``backbone``, ``method``, ``method_id``, ``display_name``,
 ``variant``, ``weights_id`` and the metrics ``AD_<k>``, ``IC_<k>`` (k = kept percentage),
-``FW``, ``FW_measured``, ``seconds_per_image``, ``degenerate_maps``, ``images``. A child
-run id given to ``--run`` is resolved to its parent.
+``FW``, ``FW_measured``, ``seconds_per_image``, ``degenerate_maps``, ``images`` (with
+``<metric>_ci_low``/``_ci_high`` and ``deletion_auc``/``insertion_auc`` where logged). A
+child run id given to ``--run`` is resolved to its parent.
 
 For every backbone (in the order its runs were created) the report renders the paper's Table 1
 layout with ``harness.results.table`` (methods as rows; AD/IC at each kept fraction and #FW as
-columns; best bold, second underlined; AD and #FW lower is better, IC higher) in the terminal,
-and writes, atomically (temporary file + ``os.replace``) into ``--out`` (default
-``reports/<run id>``):
+columns; ``value ± half-width`` of the logged intervals; bold only where a row is
+significantly better than every other, by the paired tests that ``harness.results.pairwise``
+recomputes from the runs' ``per_image.parquet`` artifacts with the parent's ``statistics.*``
+parameters) in the terminal, and writes, atomically (temporary file + ``os.replace``) into
+``--out`` (default ``reports/<run id>``):
 
-- ``table.md``: the Markdown tables, one section per backbone;
+- ``table.md``: the Markdown tables, one section per backbone, each followed by the images
+  needed for the target half-width;
+- ``pairwise-<backbone>.csv`` and ``pairwise-<backbone>.png``: every paired test of the
+  backbone (``harness.results.pairwise``);
 - ``table.csv``: one row per method run: ``backbone, display_name, method`` (registry key),
   ``method_id, variant, weights_id, status, run_id``, then every metric as ``repr(float)`` (so that the stored values are reproduced exactly; empty = not logged);
 - ``ad_ic_vs_fw-<backbone>.png``: AD (left) and IC (right) at each kept fraction against #FW
@@ -37,7 +43,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.results import table
+from harness.metrics.statistics import StatisticsSettings
+from harness.results import pairwise, table
 from harness.errors import UserError
 from harness.data.cache import atomic_write, write_text_atomic
 
@@ -108,7 +115,8 @@ def method_runs(client, parent) -> list:
 
 def fraction_keys(runs) -> list[str]:
     """The kept-fraction keys ('100', '50', '15', ...) present, largest first."""
-    keys = {k[3:] for r in runs for k in r.data.metrics if k.startswith(("AD_", "IC_"))}
+    keys = {k[3:] for r in runs for k in r.data.metrics if k.startswith(("AD_", "IC_"))
+            and not k.endswith(("_ci_low", "_ci_high"))}
 
     def value(k: str) -> float:
         try:
@@ -128,7 +136,9 @@ def collect(client, parent) -> dict[str, Any]:
     if not runs:
         raise ReportError(f"benchmark run {parent.info.run_id} ({parent.info.run_name}) has no "
                           "method runs: nothing to report")
-    cols = table.metric_columns(fraction_keys(runs))
+    cols = table.metric_columns(fraction_keys(runs), tuple(
+        c for c in table.CAUSAL_COLUMNS if any(c in r.data.metrics for r in runs)))
+    settings = StatisticsSettings.from_params(parent.data.params)
     backbones: dict[str, dict] = {}
     for r in runs:
         t = r.data.tags
@@ -147,9 +157,18 @@ def collect(client, parent) -> dict[str, Any]:
                 row["method"] = f"{row['method']} [{row['method_id']}]"
             if row["status"] == "FAILED":
                 row["method"] += " (failed)"
+    for entry in backbones.values():       # paired tests; sets each row's "marks"
+        entry["stats"] = pairwise.backbone_statistics(client, entry["rows"], cols, settings)
     exp = client.get_experiment(parent.info.experiment_id)
     return {"parent": parent, "experiment": exp.name if exp else "", "columns": cols,
-            "backbones": backbones}
+            "backbones": backbones, "settings": settings}
+
+
+def caption(data: dict) -> str:
+    """What ± and the marks mean, for the settings of ``data``."""
+    st = data.get("settings") or StatisticsSettings()
+    return table.caption(f"{st.confidence:.0%} {'BCa' if st.method == 'bca' else 'percentile'} "
+                         "bootstrap", st.alpha)
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -161,13 +180,18 @@ def title_of(name: str, entry: dict) -> str:
 
 def markdown(data: dict) -> str:
     p = data["parent"]
+    note = caption(data).replace("bold:", "**bold**:", 1).replace("underlined:",
+                                                                  "<u>underlined</u>:", 1)
     parts = [f"# {p.info.run_name or 'benchmark'}\n\n"
              f"Experiment `{data['experiment']}`, run `{p.info.run_id}`, spec fingerprint "
              f"`{p.data.tags.get('spec_fingerprint', '')}`, git `{p.data.tags.get('git_commit', '')}`. "
-             "AD: lower is better; IC: higher is better; **best**, <u>second best</u>.\n"]
+             f"AD, deletion: lower is better; IC, insertion: higher is better. {note}.\n"]
+    settings = data.get("settings") or StatisticsSettings()
     for name, entry in data["backbones"].items():
+        sizes = pairwise.sample_size_text(entry, settings)
         parts.append(f"\n### {title_of(name, entry)}\n\n"
-                     + table.markdown_table(entry["rows"], data["columns"]))
+                     + table.markdown_table(entry["rows"], data["columns"])
+                     + (f"\n{sizes}" if sizes else ""))
     return "".join(parts)
 
 
@@ -245,13 +269,18 @@ def write_report(data: dict, out: Path) -> list[Path]:
     out = Path(out)
     paths = [write_text_atomic(out / "table.md", markdown(data)),
              write_text_atomic(out / "table.csv", csv_text(data))]
+    paths += [write_text_atomic(out / f"pairwise-{_safe(name)}.csv", pairwise.csv_text(name, e))
+              for name, e in data["backbones"].items() if e.get("stats", {}).get("comparisons")]
     try:
         import matplotlib  # noqa: F401  (a dependency of the plots only)
     except ImportError:
         print("warning: matplotlib is not installed: no AD/IC vs #FW plots", file=sys.stderr)
         return paths
+    alpha = (data.get("settings") or StatisticsSettings()).alpha
     for name, entry in data["backbones"].items():
         paths.append(plot(out / f"ad_ic_vs_fw-{_safe(name)}.png", name, entry, data["columns"]))
+        heat = pairwise.heatmap(out / f"pairwise-{_safe(name)}.png", name, entry, alpha)
+        paths += [heat] if heat else []
     return paths
 
 
@@ -264,7 +293,8 @@ def report(experiment: str | None = None, run_id: str | None = None, out: str | 
     parent = find_parent(client, experiment, run_id)
     data = collect(client, parent)
     for name, entry in data["backbones"].items():
-        console.print(table.rich_table(title_of(name, entry), entry["rows"], data["columns"]))
+        console.print(table.rich_table(title_of(name, entry), entry["rows"], data["columns"],
+                                       caption(data)))
     out_dir = Path(out) if out else Path("reports") / parent.info.run_id
     paths = write_report(data, out_dir)
     if log:

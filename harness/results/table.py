@@ -1,31 +1,56 @@
 """The results table laid out like the paper's Table 1 (rich, Markdown and CSV).
 
-Methods are rows; AD and IC at every kept fraction and #FW are columns. Per column the best
-value is bold and the second best underlined (AD and #FW: lower is better; IC: higher).
+Methods are rows; AD and IC at every kept fraction, the causal AUCs when measured (deletion,
+insertion) and #FW are columns (AD, deletion and #FW: lower is better; IC, insertion:
+higher). A value with an interval (``<col>_ci_low``/``_ci_high`` in the row) is shown as
+``value ± half-width``, the half-width being half the interval's width (BCa intervals are
+not symmetric: the CSV keeps both bounds).
+
+Marks: #FW is exact, so its lowest value is bold and the second lowest underlined. Every
+other column is a mean over images: a row is bold there only when it is *significantly*
+better than every other row (``harness.metrics.statistics``: paired sign-flip tests,
+Holm-corrected), and underlined when it is so against every row but the bold one; the marks
+come with the rows (``row["marks"] = {column: 1 | 2}``). Without tests, nothing is marked.
 """
 from __future__ import annotations
 
 from rich.table import Table
 
-LOWER_IS_BETTER = ("AD_", "FW")
+LOWER_IS_BETTER = ("AD_", "FW", "deletion")
+CAUSAL_COLUMNS = ("deletion_auc", "insertion_auc")
+CAUSAL_HEADERS = {"deletion_auc": "Del↓", "insertion_auc": "Ins↑"}
+CAPTION = ("± half the {level} interval; bold: significantly better than every other row "
+           "(paired test, Holm-adjusted p < {alpha:g}), underlined: the same against every "
+           "row but the bold one; #FW: lowest bold")
 
 
-def metric_columns(fractions_keys: list[str]) -> list[str]:
+def metric_columns(fractions_keys: list[str], causal: tuple[str, ...] = ()) -> list[str]:
+    """Table 1's columns; ``causal``: the AUC columns present (``CAUSAL_COLUMNS``)."""
     cols = []
     for k in fractions_keys:
         cols += [f"AD_{k}", f"IC_{k}"]
-    return cols + ["FW"]
+    return cols + [c for c in CAUSAL_COLUMNS if c in causal] + ["FW"]
 
 
 def header(col: str) -> str:
     if col == "FW":
         return "#FW"
+    if col in CAUSAL_HEADERS:
+        return CAUSAL_HEADERS[col]
     kind, key = col.split("_", 1)
     return f"{kind}({key}%){'↓' if kind == 'AD' else '↑'}"
 
 
+def caption(level: str = "95% BCa", alpha: float = 0.05) -> str:
+    """What the ± and the marks mean (``CAPTION``)."""
+    return CAPTION.format(level=level, alpha=alpha)
+
+
 def ranks(rows: list[dict], col: str) -> dict[int, int]:
-    """Row index -> 1 (best) or 2 (second) for column ``col``."""
+    """Row index -> 1 (best) or 2 (second) for column ``col`` (see the module docstring)."""
+    if col != "FW":
+        return {i: r["marks"][col] for i, r in enumerate(rows)
+                if r.get("marks", {}).get(col) in (1, 2)}
     values = sorted({r[col] for r in rows if r.get(col) is not None},
                     reverse=not col.startswith(LOWER_IS_BETTER))
     out = {}
@@ -41,11 +66,22 @@ def ranks(rows: list[dict], col: str) -> dict[int, int]:
 def fmt(col: str, value) -> str:
     if value is None:
         return "-"
+    if col in CAUSAL_COLUMNS:
+        return f"{value:.3f}"
     return f"{value:.0f}" if col == "FW" else f"{value:.2f}"
 
 
-def rich_table(title: str, rows: list[dict], cols: list[str]) -> Table:
-    """``rows``: dicts with 'method' (display name) and the metric columns."""
+def cell(row: dict, col: str) -> str:
+    """``fmt`` of the row's value, with ``± half-width`` where the row has its interval."""
+    text, low, high = fmt(col, row.get(col)), row.get(f"{col}_ci_low"), row.get(f"{col}_ci_high")
+    if row.get(col) is None or low is None or high is None:
+        return text
+    return f"{text} ± {fmt(col, (high - low) / 2)}"
+
+
+def rich_table(title: str, rows: list[dict], cols: list[str], note: str | None = None) -> Table:
+    """``rows``: dicts with 'method' (display name) and the metric columns; ``note``: the
+    caption (default: ``caption()``)."""
     table = Table(title=title, title_justify="left")
     table.add_column("Method")
     for c in cols:
@@ -54,12 +90,12 @@ def rich_table(title: str, rows: list[dict], cols: list[str]) -> Table:
     for i, r in enumerate(rows):
         cells = []
         for c in cols:
-            text = fmt(c, r.get(c))
+            text = cell(r, c)
             rank = marks[c].get(i)
             cells.append(f"[bold]{text}[/bold]" if rank == 1 else
                          f"[underline]{text}[/underline]" if rank == 2 else text)
         table.add_row(r["method"], *cells)
-    table.caption = "bold: best, underlined: second best"
+    table.caption = note or caption()
     return table
 
 
@@ -70,7 +106,7 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
     for i, r in enumerate(rows):
         cells = []
         for c in cols:
-            text, rank = fmt(c, r.get(c)), marks[c].get(i)
+            text, rank = cell(r, c), marks[c].get(i)
             cells.append(f"**{text}**" if rank == 1 else f"<u>{text}</u>" if rank == 2 else text)
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -34,10 +34,13 @@ def checked_entries(section: str, items: Any, model, registry,
         entry = report.check(model, item, (section, i), salvage=True)
         if entry is INVALID:
             continue
-        if entry.name not in registry.REGISTRY:
-            report.add((section, i, "name"), registry.REGISTRY.unknown_message(entry.name))
+        from backbones.registry import UnknownNameError
+        try:            # built in, a plugin or a class reference (imported and checked here)
+            found = registry.REGISTRY.get(entry.name)
+        except UnknownNameError as err:          # unknown, refused, or a broken plugin
+            report.add((section, i, "name"), str(err))
             continue
-        yield i, entry, registry.REGISTRY.get(entry.name)
+        yield i, entry, found
 
 
 # -- methods ---------------------------------------------------------------------------------
@@ -47,7 +50,7 @@ def resolve_methods(items: Any, train: TrainSection, report: Report) -> list[Met
     out, seen = [], {}
     for i, entry, reg in checked_entries("methods", items, MethodEntry, registry, report):
         cls, loc = reg.factory, ("methods", i)
-        mid = entry.id or entry.name
+        mid = entry.id or cls.name       # a class reference's default id: the class's name
         if mid in seen:
             report.add(loc + (("id",) if entry.id else ("name",)), f"duplicate method id "
                        f"'{mid}' (also methods[{seen[mid]}]); give each entry a distinct 'id'")
@@ -138,7 +141,7 @@ def _weight_names(reg) -> tuple[list[str], str, str | None]:
         names = [w.name for w in getattr(models, enum_name)]
         return names, reg.meta.get("default_weights", "IMAGENET1K_V1"), enum_name
     names = list(reg.meta.get("weights_names", ("embedded",)))
-    return names, reg.meta.get("default_weights", names[0]), None
+    return names, reg.meta.get("default_weights", names[0] if names else None), None
 
 
 def _weights(entry: BackboneEntry, reg, loc: tuple, report: Report) -> str | None:

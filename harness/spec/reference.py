@@ -28,13 +28,13 @@ def spec_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
-def method_params_rows() -> list[tuple[str, str, str]]:
+def method_params_rows(names: list[str] | None = None) -> list[tuple[str, str, str]]:
     """(method name, its variants, its parameters with defaults and accepted values) for
-    every registered method, e.g. ('rise', 'paper, reference', 'n_masks=null (int >= 1,
-    or null), ...')."""
+    every built-in method (or ``names``, plugins too), e.g. ('rise', 'paper, reference',
+    'n_masks=null (int >= 1, or null), ...')."""
     import methods
     rows = []
-    for name in methods.names():
+    for name in methods.names() if names is None else names:
         cls = methods.method_class(name)
         params = ", ".join(f"{k}={_yaml(p.default)} ({p.accepts()})"
                            for k, p in declared(cls).items())

@@ -1,5 +1,5 @@
 """The sections of a spec, each declared once as a pydantic model: train, data, evaluation,
-sharding, tracking, storage and ray.
+statistics, sharding, tracking, storage and ray.
 
 Every field carries its type (``harness.spec.values``), default, range (``ge``/``gt``/``le``/
 ``lt``), choices (``Literal``) and help (``description``); the defaults a spec resolves to,
@@ -80,6 +80,9 @@ class TrainSection(Section):
         "model", description="train on the backbone's top-1, or on the true labels")
     workers: Int = Field(1, ge=1, description="Ray Train workers (DDP)")
     use_gpu: Bool = Field(False, description="one GPU per worker")
+    tf32: Bool = Field(False, description="TF32 matmuls/convolutions on GPU (off: float32)")
+    deterministic: Bool = Field(False, description=(
+        "deterministic algorithms: a resumed fit equals an unbroken one on GPU (slower)"))
 
     @property
     def lambdas(self) -> tuple[float, float, float, float]:
@@ -186,19 +189,55 @@ class EvaluationSection(Section):
         "explain in bf16 (CPU) / fp16 (GPU); AD/IC still scored in float32"))
     channels_last: Bool = Field(False, description=(
         "backbone and images in channels_last memory format"))
+    metrics: list[Literal["ad_ic", "deletion", "insertion"]] = Field(
+        default_factory=lambda: ["ad_ic"], min_length=1, description=(
+            "ad_ic (always) and the causal metrics deletion, insertion (T + 1 forwards each)"))
+    causal_steps: Int = Field(224, ge=1, description=(
+        "steps T of the deletion/insertion curves (224: RISE's 224 pixels a step at 224x224)"))
+    causal_canvas: Literal["rise", "blur", "black", "mean"] = Field("rise", description=(
+        "rise: deletion to the mean colour, insertion from a blur; or one canvas for both"))
+    causal_batch_size: Int = Field(64, ge=1, description=(
+        "perturbed images per forward of deletion/insertion"))
+    tf32: Bool = Field(False, description="TF32 on GPU (off: float32; IC is a strict count)")
+    deterministic: Bool = Field(False, description="deterministic algorithms (GPU: slower)")
 
-    @field_validator("keep_fractions")
+    @field_validator("keep_fractions", "metrics")
     @classmethod
-    def _distinct(cls, fractions: list[float]) -> list[float]:
-        for i, value in enumerate(fractions):
-            if value in fractions[:i]:
-                raise problem(f"{value:g} is listed twice", at=[i])
-        return fractions
+    def _distinct(cls, values: list) -> list:
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                shown = f"{value:g}" if isinstance(value, float) else repr(value)
+                raise problem(f"{shown} is listed twice", at=[i])
+        return values
+
+    @field_validator("metrics")
+    @classmethod
+    def _ad_ic_listed(cls, metrics: list[str]) -> list[str]:
+        if "ad_ic" not in metrics:
+            raise problem("ad_ic is always computed (Table 1 is built on it): list it, e.g. "
+                          f"[ad_ic, {', '.join(metrics)}]")
+        return metrics
 
     def protocol_preset(self):
         """The ``harness.metrics.protocol.ProtocolPreset`` this section names."""
         from harness.metrics.protocol import PAPER, ProtocolPreset
         return PAPER if self.preset == "paper" else ProtocolPreset(name="custom", **self.preset)
+
+
+# -- statistics ------------------------------------------------------------------------------
+class StatisticsSection(Section):
+    """Error bars and significance (harness.metrics.statistics, docs/protocol.md section 9)."""
+
+    resamples: Int = Field(10_000, ge=100, description=(
+        "bootstrap resamples of the images (and sign flips of the paired tests)"))
+    confidence: Float = Field(0.95, gt=0, lt=1, description="level of the intervals")
+    method: Literal["bca", "percentile"] = Field("bca", description=(
+        "bootstrap interval: bias-corrected and accelerated, or plain percentile"))
+    seed: Int | None = Field(None, ge=0, description="default: the spec's seed")
+    alpha: Float = Field(0.05, gt=0, lt=1, description=(
+        "level of the paired tests (Holm-corrected); 'best' only below it"))
+    half_width: Float = Field(1.0, gt=0, description=(
+        "target +- half-width (AD/IC points) of the images-needed statement"))
 
 
 # -- resources and records -------------------------------------------------------------------
@@ -209,6 +248,8 @@ class ShardingSection(Section):
     cpus_per_task: Float = Field(1.0, gt=0, description="CPUs per task")
     gpus_per_task: Float = Field(0.0, ge=0, description="GPUs per task (fractions share one)")
     max_retries: Int = Field(3, ge=0, description="retries of a failed task")
+    stall_timeout_s: Float = Field(21600.0, gt=0, description=(
+        "the run fails if no task finishes in this many seconds (a lost node, say)"))
 
 
 def _tag_key(key: str) -> str:
@@ -242,12 +283,39 @@ class StorageSection(Section):
         "a folder; default: HARNESS_CACHE_DIR, else ./.harness-cache"))
 
 
+#: Ray's runtime_env fields (ray.runtime_env.RuntimeEnv), the keys ray.runtime_env accepts.
+RUNTIME_ENV_KEYS = ("conda", "config", "container", "env_vars", "excludes", "image_uri",
+                    "java_jars", "pip", "py_executable", "py_modules", "uv",
+                    "worker_process_setup_hook", "working_dir")
+
+
+def _runtime_env(value: Any) -> dict:
+    """Ray's runtime_env for every worker (e.g. the plugins to install: pip, py_modules)."""
+    from harness.spec.values import unknown_key
+    for key, item in value.items():
+        if key not in RUNTIME_ENV_KEYS:
+            raise problem(unknown_key(key, list(RUNTIME_ENV_KEYS)), at=[key])
+        lists = key in ("py_modules", "excludes", "java_jars") or (key == "pip" and
+                                                                 not isinstance(item, dict))
+        if lists and not (isinstance(item, list) and all(isinstance(v, str) for v in item)):
+            raise problem(f"expected a list of strings, got {describe(item)}", at=[key])
+        if key == "env_vars" and not (isinstance(item, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in item.items())):
+            raise problem("expected a mapping of names to strings (quote numbers)", at=[key])
+    return value
+
+
 class RaySection(Section):
     """Where Ray runs: a local Ray (address null) or a cluster."""
 
     address: Str | None = Field(None, description=(
         "null: local Ray, or the cluster inside a Ray job"))
     num_cpus: Int | None = Field(None, ge=1, description="CPUs of the local Ray")
+    runtime_env: Annotated[dict[Str, Any], BeforeValidator(lambda v: {} if v is None else v),
+                           AfterValidator(_runtime_env)] = Field(
+        default_factory=dict, description=(
+            "Ray's runtime_env for every worker, e.g. plugins: {pip: [...]}, {py_modules: "
+            "[...]}"))
 
     @model_validator(mode="after")
     def _local_only(self) -> "RaySection":

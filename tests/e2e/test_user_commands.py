@@ -147,6 +147,17 @@ def test_parent_run_carries_the_table_and_plots(user, smoke):
             "report/ad_ic_vs_fw-tiny_resnet.png"} <= arts, arts
 
 
+def test_run_logs_intervals_and_the_pairwise_matrix(user, smoke):
+    """Every AD and IC of every child run lies inside its logged bootstrap interval; the
+    parent's report has each backbone's pairwise matrix (docs/protocol.md section 9)."""
+    for r in children(user.client, smoke["parent"]):
+        m = r.data.metrics
+        for key in [f"{kind}_{k}" for k in FRACTIONS for kind in ("AD", "IC")]:
+            assert m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"], (r.info.run_name, key)
+    arts = {a.path for a in user.client.list_artifacts(smoke["parent"].info.run_id, "report")}
+    assert {"report/pairwise-tiny_vgg.csv", "report/pairwise-tiny_resnet.csv"} <= arts, arts
+
+
 def test_report_after_run_then_after_tune(user, smoke):
     """``report`` with no option reports the latest *benchmark*, also after a sweep; the
     sweep stops bad trials early, logs its trials under one run and writes a spec that runs."""

@@ -100,7 +100,7 @@ def test_unknown_method_and_backbone_names(tiny_backbone):
     assert "unknown backbone 'resnet-50'" in msg and "Did you mean 'resnet50'?" in msg
     assert all(n in msg for n in backbones.names())
     with pytest.raises(KeyError):                         # also a KeyError for dict-like use
-        backbones.load("vgg19", weights=None)
+        backbones.load("vgg21", weights=None)
 
 
 # --- method parameters ----------------------------------------------------------------------

@@ -1,10 +1,17 @@
 """``python -m harness report`` against a fake benchmark in a temporary sqlite MLflow store, and
-``python -m harness explain`` on a random-init embedded backbone and quickstart images."""
+``python -m harness explain`` on a random-init embedded backbone and quickstart images.
+
+Each fake method run also carries a ``per_image.parquet`` of 300 generated images, from which
+the report recomputes the paired tests: on tiny_vgg the methods are far apart (L-CAM-Img
+significantly best), on tiny_resnet RISE's rows are Grad-CAM's but for two images (no mark)."""
 from __future__ import annotations
 
 import csv
 import io
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -22,10 +29,26 @@ FAKE = {
 }
 
 
+CI = {("tiny_vgg", "L-CAM-Img"): {"AD_100_ci_low": 11.0, "AD_100_ci_high": 15.0}}
+
+
 def fake_metrics(ad100: float, ic100: float, fw: float) -> dict[str, float]:
     return {"AD_100": ad100, "IC_100": ic100, "AD_50": ad100 * 1.7, "IC_50": ic100 / 3,
             "AD_15": 70 + ad100 / 7, "IC_15": ic100 / 11, "FW": fw, "FW_measured": fw * 0.999,
             "seconds_per_image": 1 / 3, "degenerate_maps": 0.0, "images": 300.0}
+
+
+def fake_rows(metrics: dict[str, float], seed: int, n: int = 300) -> pa.Table:
+    """Per-image Y and O whose AD terms scatter around the run's AD and whose IC indicators
+    hit about its IC share (the report only tests them; it does not recompute the means)."""
+    rng = np.random.default_rng(seed)
+    y = rng.uniform(0.5, 1.0, n)
+    cols = {"image_id": [f"img{i:03d}" for i in range(n)], "Y": y}
+    for k in ("100", "50", "15"):
+        drop = np.clip(rng.normal(metrics[f"AD_{k}"], 8.0, n), 0, 100) / 100
+        o = np.where(rng.random(n) < metrics[f"IC_{k}"] / 100, y * 1.05, y * (1 - drop))
+        cols[f"O_{k}"] = o
+    return pa.table(cols)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +69,22 @@ def _fill(uri, tmp_path) -> dict:
     parent = tracker.parent_run("fake", "f00dfeed", {"git_commit": "abc"})
     stored = {}
     for backbone, rows in FAKE.items():
-        for mid, display, fw, ad, ic in rows:
+        for i, (mid, display, fw, ad, ic) in enumerate(rows):
             run = tracker.child_run(parent, f"{backbone}/{mid}", f"{backbone} {display}", {
                 "backbone": backbone, "method": mid, "method_id": mid, "display_name": display,
                 "variant": "paper", "weights_id": "embedded:x"})
-            metrics = fake_metrics(ad, ic, fw)
+            metrics = {**fake_metrics(ad, ic, fw), **CI.get((backbone, display), {})}
             tracker.log(run, metrics=metrics)
+            per_image = fake_rows(metrics, seed=i)
+            if backbone == "tiny_resnet" and mid == "rise":      # Grad-CAM's rows, 2 changed
+                per_image = fake_rows(stored[(backbone, "Grad-CAM")], seed=0)
+                o = per_image.column("O_100").to_numpy().copy()
+                o[:2] *= 0.5
+                per_image = per_image.set_column(2, "O_100", pa.array(o))
+            path = tmp_path / f"{backbone}-{mid}" / "per_image.parquet"
+            path.parent.mkdir()
+            pq.write_table(per_image, path)
+            tracker.artifact(run, path)
             tracker.finish(run)
             stored[(backbone, display)] = metrics
     tracker.finish(parent)
@@ -78,19 +111,36 @@ def test_report_reproduces_stored_metrics_and_logs_artifacts(store, capsys):
     assert "### tiny_vgg (embedded:x), 300 images" in md and "### tiny_resnet" in md
     vgg = md.split("### tiny_vgg")[1].split("###")[0]
     line = {l.split("|")[1].strip(): l for l in vgg.splitlines() if l.startswith("| ")}
-    assert "**12.96**" in line["L-CAM-Img"]            # best AD_100 (lower is better)
-    assert "<u>27.75</u>" in line["Score-CAM"]          # second best AD_100
+    assert "**12.96 ± 2.00**" in line["L-CAM-Img"]     # best AD_100 (significantly lower)
+    assert "<u>27.75</u>" in line["Score-CAM"]          # second AD_100 (better than Grad-CAM)
     assert "**41.25**" in line["L-CAM-Img"]            # best IC_100 (higher is better)
     assert "**1**" in line["Grad-CAM"] and "**1**" in line["L-CAM-Img"]   # FW ties share bold
+    resnet = md.split("### tiny_resnet")[1]
+    line = {l.split("|")[1].strip(): l for l in resnet.splitlines() if l.startswith("| ")}
+    assert "**" not in line["RISE"] and "<u>" not in line["Grad-CAM"].rsplit("|", 2)[0]
+    assert line["Grad-CAM"].count("**") == 2            # only #FW: AD/IC within noise
+    assert "significantly better than every other row" in md
+    assert "Images needed for a 95% interval of ±1 point(s)" in md
+
+    pairs = list(csv.DictReader(io.StringIO((out / "pairwise-tiny_vgg.csv").read_text())))
+    assert len(pairs) == 3 * 6                          # 3 pairs x AD/IC at 3 fractions
+    ad = {(p["method_a"], p["method_b"]): p for p in pairs if p["metric"] == "AD_100"}
+    assert ad[("Grad-CAM", "L-CAM-Img")]["better"] == "L-CAM-Img"
+    assert ad[("Grad-CAM", "L-CAM-Img")]["significant"] == "True"
+    assert float(ad[("Grad-CAM", "L-CAM-Img")]["p_holm"]) < 0.05
+    rise = [p for p in csv.DictReader(io.StringIO((out / "pairwise-tiny_resnet.csv").read_text()))
+            if p["metric"] == "AD_100"]
+    assert rise[0]["significant"] == "False" and float(rise[0]["p"]) >= 0.25
 
     for backbone in FAKE:
-        png = out / f"ad_ic_vs_fw-{backbone}.png"
-        assert png.stat().st_size > 10_000
-        with Image.open(png) as im:
-            assert im.format == "PNG" and im.size[0] > 400
+        for png in (out / f"ad_ic_vs_fw-{backbone}.png", out / f"pairwise-{backbone}.png"):
+            assert png.stat().st_size > 10_000
+            with Image.open(png) as im:
+                assert im.format == "PNG" and im.size[0] > 400
     logged = {a.path for a in store["client"].list_artifacts(store["parent"], "report")}
     assert logged == {"report/table.md", "report/table.csv", "report/ad_ic_vs_fw-tiny_vgg.png",
-                      "report/ad_ic_vs_fw-tiny_resnet.png"}
+                      "report/ad_ic_vs_fw-tiny_resnet.png"} | {
+                          f"report/pairwise-{b}.{ext}" for b in FAKE for ext in ("csv", "png")}
 
 
 def test_report_resolves_a_child_run_and_the_latest_parent(store):

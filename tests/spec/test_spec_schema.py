@@ -39,16 +39,21 @@ def problems(tmp_path, text: str, overrides=()) -> list[tuple[str, str]]:
 DOCUMENTED = {   # the defaults README's spec reference documents (and the harness had before)
     "train": {"epochs": 7, "batch_size": 64, "lr": 1e-4, "lr_decay": 0.75, "lambda1": 0.01,
               "lambda2": 2.0, "lambda3": 1.5, "lambda4": 0.3, "variant": "paper",
-              "labels": "model", "workers": 1, "use_gpu": False},
+              "labels": "model", "workers": 1, "use_gpu": False, "tf32": False,
+              "deterministic": False},
     "data": {"kind": "quickstart", "root": None, "list_file": None, "random_count": None,
              "limit": None, "train_limit": None, "on_bad_image": "stop"},
     "evaluation": {"keep_fractions": [1.0, 0.5, 0.15], "batch_size": 16, "preset": "paper",
-                   "overlays": 8, "autocast": False, "channels_last": False},
+                   "overlays": 8, "autocast": False, "channels_last": False,
+                   "metrics": ["ad_ic"], "causal_steps": 224, "causal_canvas": "rise",
+                   "causal_batch_size": 64, "tf32": False, "deterministic": False},
+    "statistics": {"resamples": 10_000, "confidence": 0.95, "method": "bca", "seed": None,
+                   "alpha": 0.05, "half_width": 1.0},
     "sharding": {"images_per_task": 50, "cpus_per_task": 1.0, "gpus_per_task": 0.0,
-                 "max_retries": 3},
+                 "max_retries": 3, "stall_timeout_s": 21600.0},
     "tracking": {"experiment": "spec", "uri": None, "tags": {}},
     "storage": {"uri": None},
-    "ray": {"address": None, "num_cpus": None},
+    "ray": {"address": None, "num_cpus": None, "runtime_env": {}},
 }
 
 
