@@ -111,11 +111,13 @@ class Registry:
             return self._entries[name]
         if name in self._refused:
             raise UnusableNameError(f"{self.kind} {name!r} is refused: {self._refused[name]}")
-        if name not in self._plugins and self._adopt is not None:
-            self._plugins[name] = self._resolve(name)
         found = self._plugins.get(name)
-        if isinstance(found, UnusableNameError):
-            raise found
+        if found is None and self._adopt is not None:
+            found = self._resolve(name)
+            if found is not None:           # a miss is not kept: a plugin may be installed
+                self._plugins[name] = found
+        if isinstance(found, UnusableNameError):       # kept: refused the same way each time
+            raise type(found)(str(found))
         if found is None:
             raise UnknownNameError(self.unknown_message(name))
         return found

@@ -174,7 +174,8 @@ def _input_problems(ex, x: torch.Tensor) -> str | None:
     from methods import ExplainerInputError
     r = ex.backbone.num_classes
     bad = [("images", x.numpy(), None), ("images", x[0], None), ("images", x * 255, None),
-           ("images", (x * 255).to(torch.uint8), None), ("images", ex.backbone.normalize(x) - 1, None),
+           ("images", (x * 255).to(torch.uint8), None),
+           ("images", ex.backbone.normalize(x) - 1, None),
            ("targets", x, [0] * (len(x) + 1)), ("targets", x, torch.zeros(len(x))),
            ("targets", x, [r] * len(x)), ("targets", x, [-1] * len(x))]
     problems = []
@@ -197,7 +198,8 @@ def _output_problems(maps: torch.Tensor, x: torch.Tensor, ex) -> str | None:
     if not isinstance(maps, torch.Tensor) or tuple(maps.shape) != (b, h, w):
         return f"expected a tensor of shape {(b, h, w)}, got {getattr(maps, 'shape', maps)}"
     if maps.dtype != torch.float32 or maps.requires_grad:
-        return f"expected float32 without grad, got {maps.dtype}, requires_grad={maps.requires_grad}"
+        return (f"expected float32 without grad, got {maps.dtype}, "
+                f"requires_grad={maps.requires_grad}")
     if not bool(torch.isfinite(maps).all()) or maps.min() < 0 or maps.max() > 1:
         return f"values must be finite and in [0, 1], got [{maps.min():.3g}, {maps.max():.3g}]"
     flags = ex.last_degenerate
@@ -213,7 +215,8 @@ def _forward_pass_problems(cls, ex, bb, x: torch.Tensor) -> tuple[str | None, di
     with torch.no_grad(), RowCounter(bb.first_layer) as counter:
         ex.explain(x)
     per_image, last = counter.rows / len(x), ex.last_forward_passes
-    measured = {"forward_passes": nominal, "rows_per_image": per_image, "last_forward_passes": last}
+    measured = {"forward_passes": nominal, "rows_per_image": per_image,
+                "last_forward_passes": last}
     if planned != nominal:
         return f"planned_forward_passes {planned} != forward_passes {nominal}", measured
     if nominal == 1 and per_image != 1:
@@ -372,7 +375,8 @@ def _shape_problems(bb: SplitBackbone, feature_shape) -> str | None:
     with torch.no_grad():
         found = tuple(bb.features(x).shape[1:])
     if found != tuple(feature_shape):
-        return f"A at the input size {tuple(bb.input_size)} is {found}, declared {tuple(feature_shape)}"
+        return (f"A at the input size {tuple(bb.input_size)} is {found}, declared "
+                f"{tuple(feature_shape)}")
     return None
 
 

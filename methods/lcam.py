@@ -10,8 +10,12 @@ Training (Eq. 4-8), S = sigmoid(L^(y)) for label y:
            TV = sum_pq (s_pq - s_pq+1)^2 + (s_pq - s_p+1q)^2, per image, batch-averaged.
 ``variant: reference`` reproduces the authors' code (docs/protocol.md section 4.5): the maps of
 every label in the batch regularise every image (B x B maps), AV = mean((S + 0.0005)^l4),
-TV adds 0.3 * the squared border and is divided by 2B.
-The CE-only ablation (the paper's starred rows) is l1 = l2 = 0.
+TV adds 0.3 * the squared border and is divided by 2B. "The batch" is the whole optimiser
+batch: with data-parallel workers each worker passes every worker's labels
+(``batch_labels``), so that its (B/W, B) maps, divided by its own 2 B/W, averaged over the W
+workers (DDP averages gradients) give the one-worker loss and gradients.
+The CE-only ablation (the paper's starred rows) is l1 = l2 = 0; under ``reference`` it is the
+authors' separate cross-entropy model, loss = CE with weight 1 (``effective_lambdas``).
 
 Inference (Eq. 9): V = up(minmax(L^(y))): one forward pass.
 """
@@ -73,12 +77,29 @@ def tv_loss(s: torch.Tensor, variant: str = "paper") -> torch.Tensor:
     return (dx.sum() + dy.sum()) / s.shape[0]
 
 
+def effective_lambdas(lambdas, variant: str = "paper") -> tuple[float, float, float, float]:
+    """The weights a loss really uses: under ``reference``, l1 = l2 = 0 is the authors'
+    cross-entropy-only model (``*_L_CAM_*A.py``: ``loss = CrossEntropyLoss()``), so the CE
+    weight is 1 whatever l3 says; otherwise the lambdas as given."""
+    l1, l2, l3, l4 = (float(v) for v in lambdas)
+    if variant == "reference" and l1 == 0 and l2 == 0:
+        l3 = 1.0
+    return (l1, l2, l3, l4)
+
+
 def lcam_loss(cams: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
-              lambdas=PAPER_LAMBDAS, variant: str = "paper") -> dict[str, torch.Tensor]:
-    """Eq. 6: returns {'loss', 'tv', 'area', 'ce'} (terms before weighting)."""
-    l1, l2, l3, l4 = lambdas
+              lambdas=PAPER_LAMBDAS, variant: str = "paper",
+              batch_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Eq. 6: returns {'loss', 'tv', 'area', 'ce'} (terms before weighting).
+
+    ``batch_labels`` (``reference`` only): the labels of the whole optimiser batch when this
+    process holds a part of it (data-parallel workers); default ``labels``. ``lambdas`` go
+    through ``effective_lambdas`` (the reference CE-only model weighs CE by 1).
+    """
+    l1, l2, l3, l4 = effective_lambdas(lambdas, variant)
     if variant == "reference":
-        s = torch.sigmoid(cams[:, labels])                 # (B, B, P, Q): the authors' slip
+        every = labels if batch_labels is None else batch_labels
+        s = torch.sigmoid(cams[:, every])                  # (B, B, P, Q): the authors' slip
     else:
         s = torch.sigmoid(select_maps(cams, labels))       # (B, P, Q)
     tv, av = tv_loss(s, variant), area_loss(s, l4, variant)

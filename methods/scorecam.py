@@ -5,8 +5,11 @@
     V   = minmax( ReLU( sum_k s_k * up(A_k) ) )                (upsample first, then min-max)
 ``reference`` (what the L-CAM authors ran): ReLU on A first, M_k = up(ReLU(A_k)) / (max - min)
     (no min subtracted), the *normalised* input is masked, V = minmax(ReLU(sum_k s_k * M_k)).
-``channel_softmax`` (the popular libraries' form): scores are logits, softmax across the K
-    channels, the weighted sum at feature resolution, ReLU, min-max, then upsample.
+``channel_softmax`` (the popular libraries' form, as jacobgil/pytorch-grad-cam computes it):
+    M_k = minmax(up_ac(A_k)), up_ac the bilinear resize with align_corners=True (torch's
+    ``UpsamplingBilinear2d``, which pytorch-grad-cam uses); the scores are the logits of
+    X * M_k, softmax across the K channels, the weighted sum of the A_k at feature resolution,
+    ReLU, min-max, then upsample (align_corners=False, as every CAM-style map here).
 
 Cost: K masked forwards (512 for VGG-16, 2048 for ResNet-50), batched by ``batch_size``.
 Exact savings: every constant channel (max == min, e.g. an all-zero ReLU map) has an all-zero
@@ -17,9 +20,19 @@ reports the count actually run per image beside the nominal ``forward_passes`` =
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import Explainer, Param, upsample
 from .registry import register
+
+
+def channel_masks_upsampled(acts: torch.Tensor, size: tuple[int, int],
+                            variant: str) -> torch.Tensor:
+    """(n, P, Q) channels -> (n, H, W): bilinear; align_corners=True for ``channel_softmax``
+    (pytorch-grad-cam's masks), False (``methods.base.upsample``) for the others."""
+    if variant != "channel_softmax":
+        return upsample(acts[None], size)[0]
+    return F.interpolate(acts[None], size=size, mode="bilinear", align_corners=True)[0]
 
 
 @register
@@ -31,6 +44,7 @@ class ScoreCAM(Explainer):
     family = "perturbation"
     paper = "Wang et al., Score-CAM, CVPR-W 2020"
     variants = ("paper", "reference", "channel_softmax")
+    version = 2                     # 2: channel_softmax's masks upsampled with align_corners=True
     params = {"batch_size": Param(int, 64, "masked images per forward", ge=1)}
 
     def setup(self) -> None:
@@ -66,7 +80,7 @@ class ScoreCAM(Explainer):
             n_fw = 0
             for start in range(0, len(varying), bs):
                 idx = varying[start:start + bs]
-                up = upsample(acts[b, idx][None], size)[0]          # (n, H, W)
+                up = channel_masks_upsampled(acts[b, idx], size, variant)   # (n, H, W)
                 lo = up.flatten(1).amin(1)[:, None, None]
                 hi = up.flatten(1).amax(1)[:, None, None]
                 span = (hi - lo).clamp_min(torch.finfo(up.dtype).tiny)

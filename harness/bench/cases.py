@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from harness.bench.timing import Bench, Case, PeakMemory, _summary
 
+ONE_PASS = ("gradcam", "gradcampp", "lcam_fm", "lcam_img")   # one backbone pass each
+
 OURS = ("gradcam", "gradcampp", "scorecam", "rise", "lcam_fm", "lcam_img")
 LIBRARY = ("pgc_gradcam", "pgc_gradcampp", "pgc_scorecam")
 DISPLAY = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "scorecam": "Score-CAM",
@@ -220,10 +222,18 @@ def bench_training(b: Bench) -> dict:
     return results
 
 
-class _MemoryDataset(list):
-    """(image, label, id) items with the ``harness.data.ImageDataset`` attributes a shard uses."""
+class _MemoryPrepared:
+    """In-memory images with the ``harness.data.prepared.Prepared`` attributes a shard uses."""
 
     info = {"kind": "imagenet"}
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+        self.ids = [f"bench-{i}" for i in range(len(images))]
+        self.labels = [0] * len(images)
+
+    def batch(self, indices) -> torch.Tensor:
+        return self.images[list(indices)]
 
     def path_of(self, i: int) -> Path:
         return Path(f"/nonexistent/bench-{i}.png")       # no annotation: localisation is NaN
@@ -246,15 +256,16 @@ def bench_evaluation(b: Bench) -> dict:
                                 batch_size=a.batch, overlays=0, autocast=False,
                                 channels_last=False, images_per_task=n, cpus_per_task=a.threads,
                                 gpus_per_task=1 if b.device.type == "cuda" else 0, max_retries=0)
-    dataset = _MemoryDataset([(x[i % len(x)].cpu(), 0, f"bench-{i}") for i in range(n)])
+    dataset = _MemoryPrepared(torch.stack([x[i % len(x)].cpu() for i in range(n)]))
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp, \
-            mock.patch.object(shards, "_load_dataset", lambda images: dataset), \
+            mock.patch.object(shards, "_load_prepared", lambda path: dataset), \
             mock.patch.object(shards, "_load_backbone", lambda *args: bb):
         def shard(i: int):
             return shards.run_shard(shards.ShardJob(
                 cell=cell, images=ImageSet("imagenet", "val", (a.size, a.size)),
                 evaluation=evaluation, checkpoint=None, seed=a.seed, shard=i,
-                indices=tuple(range(n)), out_path=str(Path(tmp) / f"s{i}.parquet")))
+                indices=tuple(range(n)), out_path=str(Path(tmp) / f"s{i}.parquet"),
+                prepared="(in memory)"))
         import pyarrow.parquet  # noqa: F401  (its first import is not a shard's cost)
         try:
             secs = [b.timed(lambda i=i: shard(i)) / n for i in range(b.costly_repeats)]

@@ -81,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--threads", type=int, default=2, help="torch intra-op threads")
     a("--repeats", type=int, default=5, help="timed repetitions per method")
     a("--warmup", type=int, default=1, help="untimed runs before timing")
-    a("--methods", nargs="+", default=[*OURS, *LIBRARY],
-      help=f"any of {', '.join(OURS + LIBRARY)}")
+    a("--methods", nargs="+", default=None,
+      help=f"any of {', '.join(OURS + LIBRARY)} (default: all; with --pipeline: the "
+           "one-pass methods)")
     a("--perturbation-batch", type=int, default=None,
       help="masked images per forward in Score-CAM and RISE (default: --batch)")
     a("--costly-repeats", type=int, default=None,
@@ -106,6 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="do not flush float32 denormals (random-init networks produce many; they are 10-100x "
            "slower on CPU)")
     a("--seed", type=int, default=0)
+    a("--pipeline", action="store_true", help="the whole evaluation (decode once, load, "
+      "explain, AD/IC, write) against the explanation alone (harness.bench.pipeline)")
+    a("--pipeline-images", type=int, default=32, help="generated images of --pipeline")
+    a("--memory-images", type=int, default=None,
+      help="with --pipeline: peak memory of a real run over N generated images instead")
 
 
 # -- driver, table, JSON ----------------------------------------------------------------------
@@ -197,6 +203,9 @@ def main(args: argparse.Namespace) -> int:
     import methods
     console = make_console()
     err = make_console(stderr=True)
+    if args.pipeline:
+        return _pipeline(args, console)
+    args.methods = args.methods or [*OURS, *LIBRARY]
     unknown = [m for m in args.methods if m not in OURS + LIBRARY and not _known(methods, m)]
     if unknown:
         print(f"error: unknown method(s) {', '.join(unknown)}; choose from "
@@ -233,6 +242,36 @@ def main(args: argparse.Namespace) -> int:
         return _run(args, console, err)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _pipeline(args: argparse.Namespace, console) -> int:
+    """``--pipeline``: see ``harness.bench.pipeline``; a table and the JSON file."""
+    from rich.table import Table
+
+    from harness.bench import pipeline
+    from harness.bench.cases import ONE_PASS
+    args.methods = args.methods or list(ONE_PASS)
+    results = {"schema": "lcam-bench/pipeline/1", "argv": sys.argv,
+               "environment": _environment(args), **pipeline.run(args)}
+    write_json_atomic(results, Path(args.out))
+    if "memory" in results:
+        m = results["memory"]
+        console.print(f"{m['images']} images in {m['seconds']:.0f} s: driver peak "
+                      f"{m['driver_peak_mib']:.0f} MiB, worker peak {m['worker_peak_mib']:.0f} MiB")
+        return 0
+    table = Table(title=f"whole evaluation vs explain + 3 masked forwards ({args.device}, "
+                        f"batch {args.batch}, {args.threads} threads)")
+    for col in ("backbone", "method", "decode once ms/img", "whole ms/img",
+                "explain+3 fwd ms/img", "ratio", "img/s"):
+        table.add_column(col, justify="right")
+    for name, r in results["backbones"].items():
+        for method, m in r["methods"].items():
+            table.add_row(name, method, f"{r['decode_once_ms_per_image']:.1f}",
+                          f"{m['whole_ms_per_image']:.1f}", f"{m['compute_ms_per_image']:.1f}",
+                          f"{m['ratio']:.2f}", f"{m['images_per_s']:.1f}")
+    console.print(table)
+    console.print(f"wrote {args.out}")
+    return 0
 
 
 def _bench_backbone(args: argparse.Namespace, name: str, err) -> dict[str, Any]:

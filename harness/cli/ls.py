@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rich.markup import escape
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -54,7 +56,7 @@ def methods_table():
         t.add_row(name, cls.display_name, cls.family, variants, params, cls.paper, entry.origin)
     for name, err in plugins:
         if isinstance(err, Exception):
-            t.add_row(name, "", "", "", "", "", f"[red]unusable:[/red] {err}")
+            t.add_row(name, "", "", "", "", "", f"[red]unusable:[/red] {escape(str(err))}")
     return t
 
 
@@ -81,7 +83,7 @@ def backbones_table():
                   str(meta.get("paper", "")), entry.origin)
     for name, err in plugins:
         if isinstance(err, Exception):
-            t.add_row(name, "", "", "", "", "", "", f"[red]unusable:[/red] {err}")
+            t.add_row(name, "", "", "", "", "", "", f"[red]unusable:[/red] {escape(str(err))}")
     return t
 
 

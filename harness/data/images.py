@@ -84,10 +84,11 @@ def sizes_for(input_size, kind: str = "imagenet") -> tuple[int, tuple[int, int]]
 
 
 def make_transform(input_size, train: bool = False, kind: str = "imagenet",
-                   resize: int | None = None,
-                   interpolation: str = "bilinear") -> Callable[[Image.Image], torch.Tensor]:
+                   resize: int | None = None, interpolation: str = "bilinear",
+                   as_uint8: bool = False) -> Callable[[Image.Image], torch.Tensor]:
     """PIL RGB image -> (3, H, W) float tensor in [0, 1], the paper's eval or train recipe
-    (``resize``, ``interpolation``: a backbone's own, from its weights' transforms)."""
+    (``resize``, ``interpolation``: a backbone's own, from its weights' transforms).
+    ``as_uint8``: the same pixels as a uint8 tensor (x / 255 is the float one, exactly)."""
     default_resize, crop = sizes_for(input_size, kind)
     resize = int(resize or default_resize)
     steps = [T.Resize(resize, interpolation=T.InterpolationMode(interpolation))]
@@ -95,7 +96,7 @@ def make_transform(input_size, train: bool = False, kind: str = "imagenet",
         steps += [T.RandomCrop(crop), T.RandomHorizontalFlip()]
     else:
         steps += [T.CenterCrop(crop)]
-    return T.Compose(steps + [T.ToTensor()])
+    return T.Compose(steps + [T.PILToTensor() if as_uint8 else T.ToTensor()])
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -14,6 +14,7 @@ reused). A cell whose shards fail is reported as failed; the other cells go on.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,10 +38,24 @@ class CellWork:
     jobs: list[ShardJob]
     error: str | None = None
     analysis: dict = field(default_factory=dict)      # run_analysis's result
+    summaries: list[dict] = field(default_factory=list)   # run_shard's, one per shard
 
     @property
     def shard_paths(self) -> list[Path]:
         return [Path(j.out_path) for j in self.jobs]
+
+    def task_seconds(self) -> dict[str, float]:
+        """Seconds spent inside this cell's tasks, per stage (load, explain, score, write,
+        analysis), from the shards' summaries (kept beside them: also for reused shards)."""
+        out: dict[str, float] = {}
+        summaries = self.summaries or [json.loads(p.with_suffix(".json").read_text())
+                                       for p in self.shard_paths
+                                       if p.with_suffix(".json").is_file()]
+        for s in summaries:
+            for stage, sec in s.get("seconds", {}).items():
+                out[stage] = out.get(stage, 0.0) + sec
+        out["analysis"] = self.analysis.get("seconds", 0.0)
+        return out
 
     @property
     def complete(self) -> bool:
@@ -85,6 +100,7 @@ def shard_jobs(plan: Plan, inputs: Inputs, heads: dict[str, Path],
                          checkpoint=checkpoint, seed=plan.seed, shard=i,
                          indices=tuple(range(start, min(start + per, n))),
                          out_path=str(folder / f"shard-{i:05d}.parquet"),
+                         prepared=str(inputs.prepared[cell.backbone].path),
                          save_maps=ev.overlays if i == 0 else 0)
                 for i, start in enumerate(range(0, n, per))]
         works.append(CellWork(cell, checkpoint, folder, jobs))
@@ -110,6 +126,78 @@ def _error(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
 
 
+def task_options(ev) -> dict:
+    """Ray options of the evaluation's tasks (shards and analysis)."""
+    options = dict(num_cpus=ev.cpus_per_task, num_gpus=ev.gpus_per_task,
+                   max_retries=ev.max_retries, retry_exceptions=[OSError, RuntimeError])
+    if ev.gpus_per_task > 0:
+        # A fresh worker process per GPU task: a reused one would keep the CUDA context and
+        # the cached model of the first GPU it was given (Ray's default for GPU functions,
+        # which ``.options(num_gpus=...)`` alone does not apply).
+        options["max_calls"] = 1
+    return options
+
+
+class _Dispatch:
+    """The evaluation's Ray tasks in flight: shards first, a cell's analysis after them."""
+
+    def __init__(self, plan: Plan, progress):
+        import ray
+        self.plan, self.progress, self.pending = plan, progress, {}
+        options = task_options(plan.evaluation)
+        self.shard_task = ray.remote(run_shard).options(**options)
+        self.analysis_task = ray.remote(run_analysis).options(**options)
+        self.left: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+
+    def start(self, work: CellWork) -> None:
+        key = work.cell.key
+        todo = [j for j in work.jobs if not Path(j.out_path).exists()]
+        self.left[key], self.done[key] = len(todo), len(work.jobs) - len(todo)
+        self.progress(f"evaluate {key}", self.done[key], len(work.jobs) + 1)
+        for job in todo:
+            self.pending[self.shard_task.remote(job)] = (work, "shard")
+        if not todo:
+            work.analysis = finished_analysis(work.shard_dir / "artifacts") or {}
+            if work.analysis:
+                self.progress(f"evaluate {key}", len(work.jobs) + 1, len(work.jobs) + 1)
+            else:
+                self.analyse(work)
+
+    def analyse(self, work: CellWork) -> None:
+        job = AnalysisJob(cell=work.cell, images=self.plan.images[work.cell.backbone],
+                          evaluation=self.plan.evaluation, checkpoint=work.checkpoint,
+                          seed=self.plan.seed, shard_paths=tuple(map(str, work.shard_paths)),
+                          out_dir=str(work.shard_dir / "artifacts"),
+                          prepared=work.jobs[0].prepared)
+        self.pending[self.analysis_task.remote(job)] = (work, "analysis")
+
+    def finish_one(self) -> None:
+        """Wait for the next task to end (``StalledError`` if none does in time)."""
+        import ray
+        ev = self.plan.evaluation
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=ev.stall_timeout_s)
+        if not ready:
+            raise StalledError(_stalled(self.pending, ev))
+        work, kind = self.pending.pop(ready[0])
+        key = work.cell.key
+        try:
+            result = ray.get(ready[0])
+        except Exception as err:                 # failed after its retries
+            work.error = work.error or _error(err)
+            self.left[key] -= kind == "shard"
+            return
+        self.done[key] += 1
+        self.progress(f"evaluate {key}", self.done[key], len(work.jobs) + 1)
+        if kind == "analysis":
+            work.analysis = result
+            return
+        work.summaries.append(result)
+        self.left[key] -= 1
+        if self.left[key] == 0 and work.error is None:
+            self.analyse(work)
+
+
 def evaluate(plan: Plan, works: list[CellWork],
              progress: Callable[[str, int, int | None], None]) -> None:
     """Run the missing shards, then each cell's analysis; fills ``work.error``/``.analysis``
@@ -119,58 +207,8 @@ def evaluate(plan: Plan, works: list[CellWork],
             work.analysis = finished_analysis(work.shard_dir / "artifacts")
             progress(f"evaluate {work.cell.key}", len(work.jobs) + 1, len(work.jobs) + 1)
         return
-    import ray
-    ev = plan.evaluation
-    options = dict(num_cpus=ev.cpus_per_task, num_gpus=ev.gpus_per_task,
-                   max_retries=ev.max_retries, retry_exceptions=[OSError, RuntimeError])
-    if ev.gpus_per_task > 0:
-        # A fresh worker process per GPU task: a reused one would keep the CUDA context and
-        # the cached model of the first GPU it was given (Ray's default for GPU functions,
-        # which ``.options(num_gpus=...)`` alone does not apply).
-        options["max_calls"] = 1
-    shard_task = ray.remote(run_shard).options(**options)
-    analysis_task = ray.remote(run_analysis).options(**options)
-    pending: dict = {}
-    left: dict[str, int] = {}
-    done: dict[str, int] = {}
-
-    def analyse(work: CellWork) -> None:
-        job = AnalysisJob(cell=work.cell, images=plan.images[work.cell.backbone], evaluation=ev,
-                          checkpoint=work.checkpoint, seed=plan.seed,
-                          shard_paths=tuple(map(str, work.shard_paths)),
-                          out_dir=str(work.shard_dir / "artifacts"))
-        pending[analysis_task.remote(job)] = (work, "analysis")
-
+    dispatch = _Dispatch(plan, progress)
     for work in works:
-        todo = [j for j in work.jobs if not Path(j.out_path).exists()]
-        key = work.cell.key
-        left[key], done[key] = len(todo), len(work.jobs) - len(todo)
-        progress(f"evaluate {key}", done[key], len(work.jobs) + 1)
-        for job in todo:
-            pending[shard_task.remote(job)] = (work, "shard")
-        if not todo:
-            work.analysis = finished_analysis(work.shard_dir / "artifacts") or {}
-            if work.analysis:
-                progress(f"evaluate {key}", len(work.jobs) + 1, len(work.jobs) + 1)
-            else:
-                analyse(work)
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=ev.stall_timeout_s)
-        if not ready:
-            raise StalledError(_stalled(pending, ev))
-        work, kind = pending.pop(ready[0])
-        key = work.cell.key
-        try:
-            result = ray.get(ready[0])
-        except Exception as err:                 # failed after its retries
-            work.error = work.error or _error(err)
-            left[key] -= kind == "shard"
-            continue
-        done[key] += 1
-        progress(f"evaluate {key}", done[key], len(work.jobs) + 1)
-        if kind == "analysis":
-            work.analysis = result
-            continue
-        left[key] -= 1
-        if left[key] == 0 and work.error is None:
-            analyse(work)
+        dispatch.start(work)
+    while dispatch.pending:
+        dispatch.finish_one()

@@ -99,6 +99,33 @@ def _resume(heads, optims, scheds, device) -> int:
     return state["epoch"] + 1
 
 
+def all_gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate, in rank order, the (n_r, ...) tensors of every worker along dim 0 (an
+    all_gather on the tensor's device: the training device, as NCCL needs). The row counts
+    may differ between workers (a short last batch): they are gathered first, and every
+    part is padded to the longest for the collective, then trimmed."""
+    import torch.distributed as dist
+    world = dist.get_world_size()
+    count = torch.tensor([local.shape[0]], device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    longest = int(max(c.item() for c in counts))
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(c.item())] for p, c in zip(parts, counts)])
+
+
+def _batch_labels(model_labels: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every worker's labels of this step, {'model': top-1, 'ground_truth': data set's}, for
+    the ``reference`` loss's B x B term (``methods.lcam.lcam_loss``: each worker's maps, by
+    all B labels, over its own 2 B/W; DDP's average of the gradients over the W workers then
+    equals the one-worker gradient of the whole batch)."""
+    both = all_gather_rows(torch.stack([model_labels, gt.long()], dim=1))
+    return {"model": both[:, 0], "ground_truth": both[:, 1]}
+
+
 class _Heads:
     """The heads of one worker of a fit, their optimisers and schedulers, and one epoch."""
 
@@ -121,8 +148,11 @@ class _Heads:
 
     def train_epoch(self, loader, epoch: int, fault=lambda step: None) -> dict[str, dict]:
         """One pass over ``loader`` for every active head, on shared batches: the clean
-        forward (A and the model-truth labels) runs once per batch for all of them."""
+        forward (A and the model-truth labels) runs once per batch for all of them. With
+        several workers, a ``reference`` head's loss gets every worker's labels of the step
+        (``_batch_labels``), so its B x B term covers the whole optimiser batch."""
         sums = {hid: {} for hid in self.active(epoch)}
+        gather = self.world > 1 and any(self.cfgs[h].variant == "reference" for h in sums)
         for step_index, batch in enumerate(loader):
             fault(step_index)
             images = batch[0].to(self.device, non_blocking=True)
@@ -130,10 +160,14 @@ class _Heads:
             with torch.no_grad():
                 feats = self.backbone.features(images)
                 model_labels = self.backbone.head(feats).argmax(1)
+            every = _batch_labels(model_labels, gt) if gather else {}
             for hid in sums:
                 self.heads[hid].train()
-                step = train_step(self.backbone, self.heads[hid], images, gt, self.cfgs[hid],
-                                  self.optims[hid], feats=feats, model_labels=model_labels)
+                cfg = self.cfgs[hid]
+                step = train_step(self.backbone, self.heads[hid], images, gt, cfg,
+                                  self.optims[hid], feats=feats, model_labels=model_labels,
+                                  batch_labels=every.get(cfg.labels)
+                                  if cfg.variant == "reference" else None)
                 for k, v in step.items():                 # float64 sums on the device
                     sums[hid][k] = sums[hid].get(k, 0) + (v if k == "n" else v.double() * step["n"])
         return self._means(sums)
@@ -267,6 +301,8 @@ def head_identity(group: HeadGroup, head: HeadPlan, weights_id: str) -> dict:
            "cfg": train_config_dict(head.config), "train_version": TRAIN_VERSION}
     if group.tf32 or group.deterministic:           # absent at the defaults: names kept
         out["precision"] = {"tf32": group.tf32, "deterministic": group.deterministic}
+    if group.workers > 1 and head.config.variant == "reference":
+        out["batch_labels"] = "gathered"   # the B x B term over all workers (was per worker)
     return out
 
 
@@ -282,8 +318,12 @@ def write_heads(states: dict[str, dict], backbone, group: HeadGroup,
 
 
 def train_config_dict(cfg: TrainConfig) -> dict:
+    """``cfg`` as plain data for a head's identity; fields added later are left out while
+    they hold their default (``lr_decay_epochs``: None), so existing heads keep their names."""
     d = dataclasses.asdict(cfg)
     d["lambdas"] = list(cfg.lambdas)
+    if d.get("lr_decay_epochs") is None:
+        d.pop("lr_decay_epochs", None)
     return d
 
 

@@ -1,14 +1,17 @@
 """Stage 1 of a run: the inputs, made and checked before anything is started or recorded.
 
-``prepare_inputs(plan)`` generates the quickstart data set if the plan needs it, builds every
-backbone's evaluation set and decodes each image once (a bad image under
+``prepare_data(plan)`` generates the quickstart data set if the plan needs it, builds every
+backbone's evaluation set and decodes each image once into its prepared set
+(``harness.data.prepared``, reused by every method, run and retry; a bad image under
 ``on_bad_image: stop``, or nothing left under ``skip``, raises ``InputRefused``: exit 2, no
-MLflow run, no Ray), then loads each backbone on the driver (training an embedded one on first
-use) for what identifies it: the weights id, the feature layer, the input size.
+MLflow run, no Ray), then ``load_backbones`` loads each backbone on the driver (training an
+embedded one on first use) for what identifies it: the weights id, the feature layer, the
+input size.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from harness.errors import UserError
@@ -24,6 +27,7 @@ class Inputs:
     """What the run reads: each backbone's evaluation set and the loaded backbone itself."""
 
     datasets: dict = field(default_factory=dict)      # backbone name -> ImageDataset
+    prepared: dict = field(default_factory=dict)      # backbone name -> Prepared (decoded)
     backbones: dict = field(default_factory=dict)     # backbone name -> SplitBackbone (CPU)
 
     def weights_id(self, name: str) -> str:
@@ -38,19 +42,23 @@ def _quickstart(progress: Callable[[str, int, int | None], None]) -> None:
     ensure_quickstart(progress=lambda done, total: progress("quickstart data", done, total))
 
 
-def prepare_data(plan: Plan, progress: Callable[[str, int, int | None], None]) -> Inputs:
-    """Every evaluation set, built and checked (see the module docstring)."""
+def prepare_data(plan: Plan, progress: Callable[[str, int, int | None], None],
+                 root: Path) -> Inputs:
+    """Every evaluation set, built, checked and decoded once into ``root``'s prepared sets
+    (``harness.data.prepared``; see the module docstring)."""
     from harness.data.images import DataError
+    from harness.data.prepared import prepare
     inputs = Inputs()
     try:
         if any(s.kind == "quickstart" for s in plan.images.values()):
             _quickstart(progress)
         for name, images in plan.images.items():
             ds = images.build()
-            if ds.on_bad_image == "stop":           # "skip" has decoded them already
-                progress(f"check {len(ds)} images for {name}", 0, None)
-                ds.verify()
-                progress(f"check {len(ds)} images for {name}", 1, 1)
+            label = f"decode {len(ds)} images for {name}"
+            progress(label, 0, len(ds))
+            inputs.prepared[name] = prepare(images, ds, root,
+                                            progress=lambda d, t, lb=label: progress(lb, d, t))
+            progress(label, len(ds), len(ds))
             if not len(ds):
                 raise DataError(f"no images left to evaluate for {name}: all {ds.skipped} "
                                 f"selected were skipped (first: {ds.bad[0][1]})" if ds.bad

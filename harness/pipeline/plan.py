@@ -31,7 +31,7 @@ import backbones
 import methods
 from harness.metrics.protocol import PAPER, ProtocolPreset
 from harness.metrics.statistics import StatisticsSettings
-from methods.lcam_train import TrainConfig
+from methods.lcam_train import TrainConfig, recipe_text
 
 DEFAULT_INPUT_SIZE = (224, 224)    # torchvision classifiers; registry entries may say otherwise
 
@@ -232,7 +232,7 @@ def train_config(spec, backbone, method, **changes) -> TrainConfig:
     t = spec.train_for(backbone, method)
     cfg = TrainConfig(mode=methods.method_class(method.name).mode, epochs=t.epochs, lr=t.lr,
                       lr_decay=t.lr_decay, lambdas=t.lambdas, variant=t.variant,
-                      labels=t.labels, seed=spec.seed)
+                      labels=t.labels, seed=spec.seed, lr_decay_epochs=t.lr_decay_epochs)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
@@ -313,9 +313,7 @@ def describe(p: Plan) -> list[str]:
         for c in p.cells_of(name):
             params = ", ".join(f"{k}={v}" for k, v in c.params.items()) or "-"
             head = (f"head: {c.checkpoint}" if c.checkpoint else
-                    f"head: trained ({c.head.config.epochs} epochs, lr {c.head.config.lr:g}, "
-                    f"lambdas {', '.join(f'{v:g}' for v in c.head.config.lambdas)})"
-                    if c.head else "")
+                    f"head: trained ({recipe_text(c.head.config)})" if c.head else "")
             lines.append(f"  {c.row:2d} {c.display_name:<11} {c.method_id:<14} {c.variant:<15} "
                          f"#FW/img {c.forward_passes:<5} {params} {head}".rstrip())
     for g in p.head_groups:

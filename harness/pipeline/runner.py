@@ -16,7 +16,9 @@ it with the files involved.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,15 +102,18 @@ def _save_spec(spec, root: Path) -> Path:
 
 def run_benchmark(spec, console: Console | None = None) -> RunResult:
     """Run a validated spec (see the module docstring); raises if any cell failed."""
-    console = console or make_console()
+    console, clock = console or make_console(), Stopwatch()
     uri = prepare_locations(spec)
     root, plan = cache_dir(), make_plan(spec)
     with _progress(console) as progress:
-        inputs = prepare_data(plan, _Bars(progress))
-        load_backbones(plan, inputs, _Bars(progress))
+        with clock("data"):
+            inputs = prepare_data(plan, _Bars(progress), root)
+        with clock("backbones"):
+            load_backbones(plan, inputs, _Bars(progress))
     if left_to_compute(plan, inputs, root):
-        init_ray(spec)
-        resources.check(resources.demands(plan))
+        with clock("ray"):
+            init_ray(spec)
+            resources.check(resources.demands(plan))
     tracker = Tracker(plan.experiment, uri)
     spec_file = _save_spec(spec, root)
     tags = common_tags(plan, spec.tracking.tags)
@@ -117,24 +122,57 @@ def run_benchmark(spec, console: Console | None = None) -> RunResult:
     try:
         with _progress(console) as progress:
             bars = _Bars(progress)
-            run_ids = open_runs(plan, inputs, tracker, parent_id, tags)
-            heads = train_heads(plan, inputs, root, tracker.uri, run_ids, bars)
+            with clock("tracking"):
+                run_ids = open_runs(plan, inputs, tracker, parent_id, tags)
+            with clock("heads"):
+                heads = train_heads(plan, inputs, root, tracker.uri, run_ids, bars)
             works = shard_jobs(plan, inputs, heads, root)
-            for work in works:          # where the per-image rows of this run live
+            with clock("evaluation"):
+                evaluate(plan, works, bars)
+        with clock("tracking"):
+            for work in works:
                 tracker.log(run_ids[work.cell.key], tags={"shard_dir": str(work.shard_dir)})
-            evaluate(plan, works, bars)
-        for work in works:
-            result.metrics[work.cell.key] = record_cell(plan, inputs, work, tracker,
-                                                        run_ids[work.cell.key], spec_file)
-            if work.error:
-                result.failed[work.cell.key] = work.error
-        tracker.artifact(parent_id, spec_file)
+                result.metrics[work.cell.key] = record_cell(plan, inputs, work, tracker,
+                                                            run_ids[work.cell.key], spec_file)
+                if work.error:
+                    result.failed[work.cell.key] = work.error
+            tracker.artifact(parent_id, spec_file)
         completed = True
     finally:
         _close_runs(tracker, parent_id, run_ids, ok=completed and not result.failed)
-    show(plan, inputs, result.metrics, tracker, parent_id, root / "reports" / parent_id, console)
+    with clock("tracking"):
+        show(plan, inputs, result.metrics, tracker, parent_id, root / "reports" / parent_id,
+             console)
+    _record_time(clock, works if completed else [], tracker, parent_id, console)
     _raise_failures(plan, result, console)
     return result
+
+
+class Stopwatch(dict):
+    """Wall-clock seconds per stage of the driver: ``with clock("heads"): ...`` adds up."""
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _record_time(clock: Stopwatch, works, tracker: Tracker, parent_id: str, console) -> None:
+    """Where the run's time went: the driver's stages, and the seconds inside the Ray tasks
+    per stage (summed over tasks: on N workers they overlap), to MLflow and under the table."""
+    inside: dict[str, float] = {}
+    for work in works:
+        for stage, sec in work.task_seconds().items():
+            inside[stage] = inside.get(stage, 0.0) + sec
+    tracker.log(parent_id, metrics={**{f"seconds_{k}": v for k, v in clock.items()},
+                                    **{f"task_seconds_{k}": v for k, v in inside.items()}})
+    console.print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in clock.items())
+                  + (" (inside the tasks: " + ", ".join(f"{k} {v:.1f} s"
+                                                        for k, v in inside.items()) + ")"
+                     if inside else ""))
 
 
 def _close_runs(tracker: Tracker, parent_id: str, run_ids: dict[str, str], ok: bool) -> None:

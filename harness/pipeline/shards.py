@@ -14,9 +14,13 @@ per-image work happens in these tasks; the driver only aggregates rows and recor
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -49,6 +53,7 @@ class ShardJob:
     shard: int
     indices: tuple[int, ...]          # positions in the evaluation data set
     out_path: str
+    prepared: str                     # the decoded images (harness.data.prepared)
     save_maps: int = 0                # keep the first N images' maps (for the overlay grid)
 
 
@@ -63,6 +68,7 @@ class AnalysisJob:
     seed: int
     shard_paths: tuple[str, ...]
     out_dir: str                      # the cell's artifacts folder
+    prepared: str                     # the decoded images (harness.data.prepared)
 
 
 @lru_cache(maxsize=4)
@@ -73,8 +79,9 @@ def _load_backbone(name: str, weights: Any, device: str, channels_last: bool = F
 
 
 @lru_cache(maxsize=4)
-def _load_dataset(images: ImageSet):
-    return images.build()
+def _load_prepared(path: str):
+    from harness.data.prepared import Prepared
+    return Prepared(path)
 
 
 def _prepare(cell: Cell, evaluation: EvaluationPlan, checkpoint: str | None, **changes):
@@ -149,50 +156,126 @@ class _Rows:
             d["shard"].append(shard)
 
 
+class _Clock:
+    """Seconds per stage of a task (load, explain, score, write), device work included."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _batches(prepared, indices, size: int, device, channels_last: bool, clock: _Clock):
+    """``(indices, images)`` per batch, the next batch read (and, on CUDA, copied from pinned
+    memory) in a background thread while the current one is computed."""
+    def load(part):
+        x = prepared.batch(part)
+        if device.type == "cuda":
+            x = x.pin_memory()
+        return part, x
+
+    parts = [indices[k:k + size] for k in range(0, len(indices), size)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(load, parts[0]) if parts else None
+        for n in range(len(parts)):
+            with clock.stage("load"):
+                part, x = future.result()
+                if n + 1 < len(parts):
+                    future = pool.submit(load, parts[n + 1])
+                x = x.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            yield part, x
+
+
+def _explain_and_score(explainer, evaluator, images, ev, clock: _Clock):
+    """``(saliency, scores)`` of a batch; on a CUDA out-of-memory error the method's own
+    batch (masks, channels) is halved and the images are split, until it fits."""
+    try:
+        with clock.stage("explain"):
+            saliency = explain_batch(explainer, images, ev.autocast)
+        with clock.stage("score"):
+            # Y from the explainer's clean pass (one forward fewer), unless in reduced precision
+            scores = evaluator.evaluate(images, saliency,
+                                        logits=None if ev.autocast else explainer.last_logits)
+        return saliency, scores, explainer.last_degenerate, explainer.last_forward_passes
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        inner = explainer.config.get("batch_size")
+        if inner and inner > 1:
+            explainer.config["batch_size"] = inner // 2
+            return _explain_and_score(explainer, evaluator, images, ev, clock)
+        if len(images) == 1:
+            raise
+        halves = [_explain_and_score(explainer, evaluator, part, ev, clock)
+                  for part in images.split((len(images) + 1) // 2)]
+        return (torch.cat([h[0] for h in halves]), _concat_scores([h[1] for h in halves]),
+                torch.cat([h[2] for h in halves]), halves[0][3])
+
+
+def _concat_scores(parts):
+    first = parts[0]
+    return dataclasses.replace(first, **{k: torch.cat([getattr(p, k) for p in parts])
+                                         for k in ("targets", "y", "o", "degenerate")})
+
+
 def run_shard(job: ShardJob) -> dict:
-    """Evaluate one shard and write its Parquet file; returns a small summary."""
+    """Evaluate one shard and write its Parquet file and its summary (stage seconds, device,
+    process) beside it; returns the summary."""
     out = Path(job.out_path)
+    summary_file = out.with_suffix(".json")
     if out.exists():
-        return {"shard": job.shard, "rows": pq.read_metadata(out).num_rows, "reused": True}
+        done = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        return {**done, "shard": job.shard, "rows": pq.read_metadata(out).num_rows,
+                "reused": True}
     _test_fault(out, job.shard)
     ev = job.evaluation
     torch.manual_seed(job.seed + job.shard)
     device, backbone, explainer = _prepare(job.cell, ev, job.checkpoint)
+    clock = _Clock(device)
     evaluator = Evaluator(backbone, ev.fractions, ev.preset)
-    dataset = _load_dataset(job.images)
+    images_of = _load_prepared(job.prepared)
     rows = _Rows(ev.fractions, causal.columns_for(ev.causal))
     kept = {"images": [], "maps": [], "ids": []}
-    for start in range(0, len(job.indices), ev.batch_size):
-        indices = job.indices[start:start + ev.batch_size]
-        items = [dataset[i] for i in indices]
-        images = torch.stack([it[0] for it in items]).to(device, non_blocking=True)
-        if ev.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        t0 = time.perf_counter()
-        saliency = explain_batch(explainer, images, ev.autocast)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - t0) / len(items)
-        # Y from the explainer's clean pass (one forward fewer), unless it ran in reduced precision
-        scores = evaluator.evaluate(images, saliency,
-                                    logits=None if ev.autocast else explainer.last_logits)
-        rows.add(items, scores, scores.degenerate | explainer.last_degenerate,
-                 {**localisation.energy_columns(dataset, indices, saliency),
-                  **causal.shard_columns(backbone, images, saliency, scores.targets, ev.causal,
-                                         ev.causal_steps, ev.causal_canvas,
-                                         ev.causal_batch_size)},
-                 explainer.last_forward_passes, seconds, job.shard)
+    for indices, images in _batches(images_of, job.indices, ev.batch_size, device,
+                                    ev.channels_last, clock):
+        start = time.perf_counter()
+        saliency, scores, degenerate, fw = _explain_and_score(explainer, evaluator, images, ev,
+                                                              clock)
+        seconds = (time.perf_counter() - start) / len(indices)
+        items = [(None, images_of.labels[i], images_of.ids[i]) for i in indices]
+        with clock.stage("score"):
+            extra = {**localisation.energy_columns(images_of, indices, saliency),
+                     **causal.shard_columns(backbone, images, saliency, scores.targets,
+                                            ev.causal, ev.causal_steps, ev.causal_canvas,
+                                            ev.causal_batch_size)}
+        rows.add(items, scores, scores.degenerate | degenerate, extra, fw, seconds, job.shard)
         room = job.save_maps - len(kept["ids"])
         if room > 0:
             kept["images"] += list(images[:room].cpu())
             kept["maps"] += list(saliency[:room].cpu())
             kept["ids"] += [str(it[2]) for it in items[:room]]
-    if kept["ids"]:
-        maps = {"images": torch.stack(kept["images"]), "maps": torch.stack(kept["maps"]),
-                "ids": kept["ids"]}
-        atomic_write(out.with_name(f"maps-{job.shard:05d}.pt"), lambda tmp: torch.save(maps, tmp))
-    write_table_atomic(pa.table(rows.data), out)
-    return {"shard": job.shard, "rows": len(rows.data["image_id"]), "reused": False}
+    with clock.stage("write"):
+        if kept["ids"]:
+            maps = {"images": torch.stack(kept["images"]), "maps": torch.stack(kept["maps"]),
+                    "ids": kept["ids"]}
+            atomic_write(out.with_name(f"maps-{job.shard:05d}.pt"),
+                         lambda tmp: torch.save(maps, tmp))
+        write_table_atomic(pa.table(rows.data), out)
+    summary = {"shard": job.shard, "rows": len(rows.data["image_id"]), "reused": False,
+               "seconds": clock.seconds, "device": devices.describe(device),
+               "pid": os.getpid(), "node": socket.gethostname(),
+               "method_batch_size": explainer.config.get("batch_size")}
+    write_text_atomic(summary_file, json.dumps(summary))
+    return summary
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
@@ -204,6 +287,7 @@ def run_analysis(job: AnalysisJob) -> dict:
     (``dir``: the MLflow artifact folder, None = the run's root)."""
     from harness.results import analysis
     from harness.results.overlays import save_overlay_grid
+    started = time.perf_counter()
     _, backbone, explainer = _prepare(job.cell, job.evaluation, job.checkpoint)
     rows = read_rows(job.shard_paths)
     out = Path(job.out_dir)
@@ -218,12 +302,13 @@ def run_analysis(job: AnalysisJob) -> dict:
         artifacts.append((str(png), None))
     metrics: dict[str, float] = {}
     if job.evaluation.overlays:
-        found = analysis.analyse(backbone, explainer, _load_dataset(job.images),
+        found = analysis.analyse(backbone, explainer, _load_prepared(job.prepared),
                                  out / "analysis", per_image=rows, seed=job.seed,
                                  sanity_images=1 if job.cell.family == "perturbation" else None)
         metrics = found["metrics"]
         artifacts += [(str(p), "analysis") for p in found["paths"]]
-    result = {"metrics": metrics, "artifacts": artifacts}
+    result = {"metrics": metrics, "artifacts": artifacts,
+              "seconds": time.perf_counter() - started}
     write_text_atomic(out / ANALYSIS_FILE, json.dumps(result, indent=1))   # written last
     return result
 

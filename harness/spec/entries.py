@@ -23,7 +23,10 @@ def checked_entries(section: str, items: Any, model, registry,
                     report: Report) -> Iterator[tuple[int, Any, type]]:
     """(index, entry, its registry entry) of every entry of ``items`` that names a
     registered entry; problems are reported (an entry whose other keys had problems is
-    still yielded, so that its remaining keys are checked too)."""
+    still yielded, so that its remaining keys are checked too). A name is resolved by the
+    registry: built in, an installed plugin or a class reference (imported and checked
+    there); an unknown, refused or broken one is reported at its ``name``."""
+    from backbones.registry import UnknownNameError
     if items is None:
         report.add((section,), Spec.messages[(section, "missing")])
         return
@@ -34,8 +37,7 @@ def checked_entries(section: str, items: Any, model, registry,
         entry = report.check(model, item, (section, i), salvage=True)
         if entry is INVALID:
             continue
-        from backbones.registry import UnknownNameError
-        try:            # built in, a plugin or a class reference (imported and checked here)
+        try:
             found = registry.REGISTRY.get(entry.name)
         except UnknownNameError as err:          # unknown, refused, or a broken plugin
             report.add((section, i, "name"), str(err))

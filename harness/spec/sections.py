@@ -66,6 +66,8 @@ class TrainSection(Section):
         "SGD learning rate; write 1.0e-4 (YAML reads 1e-4 as a string; accepted)"))
     lr_decay: Float = Field(0.75, gt=0, le=1, description="lr factor per epoch",
                             json_schema_extra=SEARCHABLE)
+    lr_decay_epochs: Int | None = Field(None, ge=1, description=(
+        "decay the lr for this many epochs, then hold it (null: every epoch)"))
     lambda1: Float = Field(0.01, ge=0, description="weight of the TV term",
                            json_schema_extra=SEARCHABLE)
     lambda2: Float = Field(2.0, ge=0, description="weight of the area term",

@@ -20,6 +20,14 @@ sweep:
 The search space is derived from ``TrainSection``: a field marked searchable is a key, and
 each value of its distribution has that field's type and range (``lr: {choice: [0]}`` is
 refused because lr must be > 0). Integer fields take ``choice`` or ``grid`` only.
+
+**The metric must not be one the searched weights can lower by themselves.** ``val_loss`` is
+l1 TV + l2 AV + l3 CE (AV = mean(S^l4)): a trial lowers it by shrinking lambda1-3 (or by
+raising lambda4, S < 1), whatever its maps look like; ``val_ce`` is lowest when lambda1 and
+lambda2 are 0 (a mask of ones leaves the network's own prediction) or lambda3 is large. A
+sweep that optimises one of them while searching such a weight (``LOSS_WEIGHTS``) is refused:
+optimise a measure of the explanations on the held-out images instead (``AD_<k>``,
+``IC_<k>``: the benchmark's own Average Drop and Increase in Confidence at k% kept).
 """
 from __future__ import annotations
 
@@ -33,6 +41,9 @@ from harness.spec.values import Float, Int, Str, did_you_mean, problem
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "grid")
 METRIC = re.compile(r"^(val_loss|val_ce|(AD|IC)_\d+(\.\d+)?)$")
+#: the training-loss metrics, and the space keys that lower them by themselves (see above)
+LOSS_WEIGHTS = {"val_loss": ("lambda1", "lambda2", "lambda3", "lambda4"),
+                "val_ce": ("lambda1", "lambda2", "lambda3")}
 
 
 class Distribution(Section):
@@ -149,6 +160,21 @@ class SweepSection(Section):
         "held out of the training split (disjoint from evaluation)"))
     cpus_per_trial: Float = Field(1.0, gt=0, description="CPUs per trial")
     gpus_per_trial: Float = Field(0.0, ge=0, description="GPUs per trial")
+
+    @model_validator(mode="after")
+    def _metric_not_weighted_by_the_search(self) -> "SweepSection":
+        searched = [k for k in LOSS_WEIGHTS.get(self.metric, ()) if k in self.space]
+        if searched:
+            what = ("the training loss, lambda1 TV + lambda2 AV + lambda3 CE with AV = "
+                    "mean(S^lambda4)" if self.metric == "val_loss" else
+                    "the cross-entropy of the masked input, lowest without TV and area terms")
+            raise problem(
+                f"{self.metric} is {what}: searching {', '.join(searched)} would lower it by "
+                "changing the weights, not by better maps. Optimise a measure of the "
+                "explanations on the held-out images instead (metric: AD_<percent> or "
+                f"IC_<percent>, e.g. AD_15), or do not search {', '.join(searched)}",
+                at=["metric"])
+        return self
 
     def fraction(self) -> float | None:
         """The kept fraction of an AD/IC metric (e.g. AD_15 -> 0.15), else None."""

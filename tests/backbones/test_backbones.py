@@ -10,7 +10,7 @@ from backbones import SplitBackbone, describe_weights
 from backbones.base import IMAGENET_MEAN, IMAGENET_STD
 
 PAPER_SHAPES = {"vgg16": (512, 14, 14), "vgg16_7x7": (512, 7, 7), "resnet50": (2048, 7, 7)}
-# The paper's and the embedded entries; the other torchvision families (71 models in all) are
+# The paper's and the embedded entries; the 66 other torchvision models (17 families) are
 # covered by tests/backbones/test_torchvision_families.py (one model per family, metadata of all).
 CORE = [n for n in backbones.names()
         if backbones.REGISTRY.get(n).meta.get("family") in ("torchvision", "embedded")]

@@ -107,7 +107,7 @@ def test_gradcam_agrees_with_pytorch_grad_cam(name, helpers):
     assert _pearson(ours[0], theirs[0]) >= 0.99
 
 
-# -- every registered backbone ---------------------------------------------------------------------
+# -- every registered backbone --------------------------------------------------------------------
 @contextlib.contextmanager
 def meta_device():
     """Build models on the meta device; RegNet computes its widths with tensor ops at build

@@ -473,7 +473,7 @@ def test_nothing_left_after_skipping_is_refused(tmp_path, monkeypatch):
     spec = load_spec(SMOKE, ["backbones=[tiny_vgg]", "methods=[gradcam]", f"data.root={root}",
                              f"data.list_file={bad_only}", "data.on_bad_image=skip"])
     with pytest.raises(InputRefused, match="no images left"):
-        prepare_data(plan(spec), lambda *progress: None)
+        prepare_data(plan(spec), lambda *progress: None, tmp_path / "root")
 
 
 # -- 5. numerics -------------------------------------------------------------------------------

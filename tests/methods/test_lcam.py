@@ -1,6 +1,7 @@
 """L-CAM: loss terms by hand (both variants), the training forward, Eq. 9, training and heads."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import methods
-from methods import lcam
+from methods import lcam, lcam_train
 from methods.base import ExplainerInputError
 from methods.lcam import (CE_ONLY_LAMBDAS, PAPER_LAMBDAS, AttentionHead, area_loss, lcam_loss,
                           load_head, select_maps, training_forward, tv_loss)
@@ -290,3 +291,125 @@ def test_seed_epoch_makes_an_epoch_depend_on_seed_and_epoch_only():
     gen3 = torch.Generator()
     loader3 = DataLoader(Augmented(), batch_size=4, shuffle=True, generator=gen3)
     assert not torch.equal(epoch_batches(loader3, gen3, 2, seed=8)[0], resumed[0])
+
+
+# --- the reference CE-only models, the schedule, the batch across workers -------------------
+def test_reference_ce_only_is_plain_cross_entropy_with_weight_1():
+    cams, labels, logits = _two_image_case()
+    ce = (-math.log(3 / 4) + math.log(2)) / 2
+    ref = lcam_loss(cams, labels, logits, CE_ONLY_LAMBDAS, "reference")
+    assert float(ref["loss"]) == pytest.approx(ce, rel=1e-12)         # not 1.5 * CE
+    assert float(ref["loss"]) == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-12)
+    paper = lcam_loss(cams, labels, logits, CE_ONLY_LAMBDAS, "paper")
+    assert float(paper["loss"]) == pytest.approx(1.5 * ce, rel=1e-12)  # the paper keeps 1.5
+    # the full reference loss keeps the authors' ce_coef 1.5
+    full = lcam_loss(cams, labels, logits, PAPER_LAMBDAS, "reference")
+    assert float(full["loss"]) == pytest.approx(
+        0.01 * float(full["tv"]) + 2 * float(full["area"]) + 1.5 * ce, rel=1e-12)
+    # the configuration says so (the plan, the head's cache name and metadata show it)
+    assert TrainConfig(variant="reference", lambdas=(0, 0, 1.5, 0.3)).lambdas == (0, 0, 1.0, 0.3)
+    assert TrainConfig(variant="paper", lambdas=(0, 0, 1.5, 0.3)).lambdas == (0, 0, 1.5, 0.3)
+    assert TrainConfig(variant="reference").lambdas == PAPER_LAMBDAS
+
+
+def test_reference_ce_only_gradients_are_those_of_cross_entropy(tiny_backbone, make_images):
+    bb = tiny_backbone
+    x = make_images(4, 16, 16, seed=21)
+    grads = []
+    for loss_of in ("train_step", "plain_ce"):
+        torch.manual_seed(0)
+        head = AttentionHead(bb.feature_channels, bb.num_classes).train()
+        labels = torch.tensor([0, 1, 2, 3])
+        cfg = TrainConfig(mode="fm", variant="reference", lambdas=(0, 0, 1.5, 0.3))
+        if loss_of == "train_step":
+            opt = torch.optim.SGD(head.parameters(), lr=0.0)      # a step that moves nothing
+            train_step(bb, head, x, labels, cfg, opt, model_labels=labels,
+                       feats=bb.features(x).detach())
+        else:
+            _, logits = training_forward(bb, head, "fm", x, labels)
+            F.cross_entropy(logits, labels).backward()
+        grads.append([p.grad.clone() for p in head.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(*grads))
+
+
+def _lrs(cfg: TrainConfig, epochs: int, resume_at: int | None = None) -> list[float]:
+    """The learning rate each epoch trains at (scheduler stepped after every epoch); with
+    ``resume_at``, a fresh optimiser and scheduler are loaded from the state at that epoch."""
+    head = AttentionHead(4, 3)
+    opt, sched = lcam_train.make_optimizer(head, cfg)
+    out = []
+    for epoch in range(epochs):
+        if epoch == resume_at:
+            state = (opt.state_dict(), sched.state_dict())
+            opt, sched = lcam_train.make_optimizer(AttentionHead(4, 3), cfg)
+            opt.load_state_dict(state[0])
+            sched.load_state_dict(state[1])
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedule_decays_for_n_epochs_then_holds():
+    cfg = TrainConfig(lr=1e-4, lr_decay=0.95, epochs=26, lr_decay_epochs=12)
+    lrs = _lrs(cfg, 26)
+    assert lrs[0] == 1e-4
+    assert lrs[:13] == pytest.approx([1e-4 * 0.95 ** e for e in range(13)], rel=1e-12)
+    assert lrs[12:] == [lrs[12]] * 14                               # held from epoch 12 on
+    assert lrs[12] == pytest.approx(1e-4 * 0.95 ** 12, rel=1e-12)
+    assert _lrs(cfg, 26, resume_at=15) == lrs and _lrs(cfg, 26, resume_at=7) == lrs
+    # the reference optimiser's bias group follows the same schedule at twice the rate
+    ref = dataclasses.replace(cfg, variant="reference")
+    opt, sched = lcam_train.make_optimizer(AttentionHead(4, 3), ref)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+        [1e-4 * 0.95 ** 12, 2e-4 * 0.95 ** 12], rel=1e-12)
+
+
+def test_schedule_without_a_limit_is_exactly_the_exponential_decay():
+    cfg = TrainConfig(lr=0.05, lr_decay=0.9)
+    head = AttentionHead(4, 3)
+    opt, sched = lcam_train.make_optimizer(head, cfg)
+    assert type(sched) is torch.optim.lr_scheduler.ExponentialLR        # paper runs unchanged
+    held = _lrs(dataclasses.replace(cfg, lr_decay_epochs=100), 8)
+    assert held == _lrs(cfg, 8)                                         # bit for bit
+    assert _lrs(dataclasses.replace(cfg, lr_decay_epochs=1), 4) == [0.05, 0.05 * 0.9] * 1 + \
+        [0.05 * 0.9] * 2
+    with pytest.raises(ValueError, match="lr_decay_epochs"):
+        TrainConfig(lr_decay_epochs=0)
+
+
+def _grads(head, loss) -> list[torch.Tensor]:
+    head.zero_grad(set_to_none=True)
+    loss.backward()
+    return [p.grad.clone() for p in head.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["fm", "img"])
+def test_reference_loss_split_over_workers_equals_one_worker(mode, tiny_backbone, make_images):
+    """Two data-parallel workers, each with half the batch and every worker's labels: the mean
+    of their losses is the one-worker loss, and the mean of their gradients (what DDP
+    averages) the one-worker gradient. Without the other worker's labels, they are not."""
+    bb = tiny_backbone
+    x = make_images(8, 16, 16, seed=22)
+    labels = torch.tensor([0, 3, 1, 1, 4, 2, 0, 3])
+    torch.manual_seed(0)
+    head = AttentionHead(bb.feature_channels, bb.num_classes)
+
+    def loss(idx, batch_labels):
+        cams, logits = training_forward(bb, head, mode, x[idx], labels[idx])
+        return lcam_loss(cams, labels[idx], logits, PAPER_LAMBDAS, "reference", batch_labels)
+
+    whole = loss(slice(0, 8), None)
+    one = _grads(head, whole["loss"])
+    halves = [loss(idx, labels) for idx in (slice(0, 4), slice(4, 8))]
+    for key in ("loss", "tv", "area", "ce"):
+        assert float((halves[0][key].detach() + halves[1][key].detach()) / 2) == pytest.approx(
+            float(whole[key].detach()), rel=1e-5), key
+    two = [(a + b) / 2 for a, b in zip(*(_grads(head, h["loss"]) for h in halves))]
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(one, two))
+    alone = [loss(idx, None) for idx in (slice(0, 4), slice(4, 8))]    # each its own labels
+    assert float((alone[0]["tv"].detach() + alone[1]["tv"].detach()) / 2) \
+        < 0.8 * float(whole["tv"].detach())

@@ -205,11 +205,12 @@ def test_gradcampp_closed_form_paper_and_reference(tiny_backbone, helpers):
     raw = torch.relu(torch.einsum("bk,bkpq->bpq", pq * alpha * torch.relu(g), a))
     got = methods.create("gradcampp", bb).explain(x, t)
     assert torch.allclose(got, _cam_style(raw), atol=1e-4)
-    # reference: g = dp_c/dA = p_c (W[c] - sum_j p_j W[j]) / PQ; denominator sum_ab(A g^3)
+    # reference: g = dp_c/dA = p_c (W[c] - sum_j p_j W[j]) / PQ; denominator sum_ab(A g^3),
+    # plus the authors' 1e-7 (no denominator is 0 here)
     with torch.no_grad():
         p = bb(x).softmax(1)
     g = p[torch.arange(2), t][:, None] * (wfc[t] - p @ wfc) / pq
-    alpha = g ** 2 / (2 * g ** 2 + sum_a * g ** 3)
+    alpha = g ** 2 / (2 * g ** 2 + sum_a * g ** 3 + 1e-7)
     raw = torch.relu(torch.einsum("bk,bkpq->bpq", pq * alpha * torch.relu(g), a))
     got = methods.create("gradcampp", bb, variant="reference").explain(x, t)
     assert torch.allclose(got, _cam_style(raw), atol=1e-4)
@@ -222,7 +223,8 @@ def _scorecam_direct(bb, x, t, a, variant):
     for b in range(len(x)):
         c = int(t[b])
         acts = torch.relu(a[b]) if variant == "reference" else a[b]
-        up = F.interpolate(acts[None], size=size, mode="bilinear", align_corners=False)[0]
+        up = F.interpolate(acts[None], size=size, mode="bilinear",       # pytorch-grad-cam's
+                           align_corners=variant == "channel_softmax")[0]  # masks: True
         acc = torch.zeros(size)
         scores = []
         for k in range(acts.shape[0]):

@@ -37,7 +37,8 @@ def problems(tmp_path, text: str, overrides=()) -> list[tuple[str, str]]:
 
 # -- defaults --------------------------------------------------------------------------------
 DOCUMENTED = {   # the defaults README's spec reference documents (and the harness had before)
-    "train": {"epochs": 7, "batch_size": 64, "lr": 1e-4, "lr_decay": 0.75, "lambda1": 0.01,
+    "train": {"epochs": 7, "batch_size": 64, "lr": 1e-4, "lr_decay": 0.75,
+              "lr_decay_epochs": None, "lambda1": 0.01,
               "lambda2": 2.0, "lambda3": 1.5, "lambda4": 0.3, "variant": "paper",
               "labels": "model", "workers": 1, "use_gpu": False, "tf32": False,
               "deterministic": False},

@@ -35,11 +35,12 @@ def test_the_quickstart_sweep_and_its_pinned_fingerprint():
     sweep = spec.sweep
     assert isinstance(sweep, SweepSection)
     assert (sweep.backbone, sweep.method, sweep.metric, sweep.mode) == ("tiny_vgg", "lcam_img",
-                                                                        "val_loss", "min")
+                                                                        "AD_15", "min")
     assert sweep.space == {"lambda1": {"loguniform": [0.001, 0.1]},
                            "lambda2": {"uniform": [0.5, 3.0]}, "lr": {"loguniform": [0.005, 0.2]}}
     assert (sweep.scheduler.name, sweep.scheduler.grace_period) == ("asha", 1)
-    assert spec.fingerprint() == "262a0974c5007160"      # the value before the rewrite
+    # 262a0974c5007160 before the rewrite; a279adc837f84b72 since its metric is AD_15 (issue 13)
+    assert spec.fingerprint() == "a279adc837f84b72"
 
 
 def test_defaults_follow_the_spec(tmp_path):
@@ -61,7 +62,8 @@ def test_the_space_keys_are_the_searchable_train_fields():
 def test_distributions(tmp_path):
     sweep = sweep_spec(tmp_path, "space:\n  lr: {loguniform: ['1e-5', 1.0e-2]}\n"
                                  "  lambda1: {uniform: [0, 1]}\n  lambda3: {choice: [1, 1.5]}\n"
-                                 "  lr_decay: {grid: [0.5, 0.9]}\n  epochs: {grid: [2, 3]}").sweep
+                                 "  lr_decay: {grid: [0.5, 0.9]}\n  epochs: {grid: [2, 3]}\n"
+                                 "metric: AD_15").sweep
     assert sweep.space == {"epochs": {"grid": [2, 3]}, "lr": {"loguniform": [1e-5, 0.01]},
                            "lr_decay": {"grid": [0.5, 0.9]}, "lambda1": {"uniform": [0.0, 1.0]},
                            "lambda3": {"choice": [1.0, 1.5]}}
