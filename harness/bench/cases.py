@@ -258,14 +258,13 @@ def bench_evaluation(b: Bench) -> dict:
                                 gpus_per_task=1 if b.device.type == "cuda" else 0, max_retries=0)
     dataset = _MemoryPrepared(torch.stack([x[i % len(x)].cpu() for i in range(n)]))
     with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp, \
-            mock.patch.object(shards, "_load_prepared", lambda path: dataset), \
+            mock.patch.object(shards, "_load_prepared", lambda *args: dataset), \
             mock.patch.object(shards, "_load_backbone", lambda *args: bb):
         def shard(i: int):
             return shards.run_shard(shards.ShardJob(
                 cell=cell, images=ImageSet("imagenet", "val", (a.size, a.size)),
-                evaluation=evaluation, checkpoint=None, seed=a.seed, shard=i,
-                indices=tuple(range(n)), out_path=str(Path(tmp) / f"s{i}.parquet"),
-                prepared="(in memory)"))
+                list_hash="(in memory)", weights_id=bb.weights_id, evaluation=evaluation,
+                head=None, seed=a.seed, shard=i, indices=tuple(range(n))))
         import pyarrow.parquet  # noqa: F401  (its first import is not a shard's cost)
         try:
             secs = [b.timed(lambda i=i: shard(i)) / n for i in range(b.costly_repeats)]

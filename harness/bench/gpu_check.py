@@ -171,6 +171,7 @@ def ray_checks(s: Settings, workdir: Path) -> dict[str, Any]:
 
 
 def _fit_twice(s: Settings, workdir: Path) -> dict[str, Any]:
+    from harness.data.storage import Storage
     from harness.pipeline.heads import fit_heads
     from harness.pipeline.plan import HeadGroup, HeadPlan, ImageSet
     from methods.lcam_train import TrainConfig
@@ -183,7 +184,7 @@ def _fit_twice(s: Settings, workdir: Path) -> dict[str, Any]:
     times = []
     for _ in range(2):                         # the second fit resumes the finished one
         start = time.perf_counter()
-        states = fit_heads(group, name="gpu-check", seed=0, storage_path=workdir / "ray")
+        states = fit_heads(group, name="gpu-check", seed=0, storage=Storage(workdir / "ray"))
         times.append(time.perf_counter() - start)
     return {"seconds": times, "heads": sorted(states), "met": times[1] < times[0]}
 

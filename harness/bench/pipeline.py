@@ -82,14 +82,11 @@ def bench_method(args, bb, prepared, images, method: str, tmp: Path) -> dict[str
     from harness.pipeline import shards
     n = len(prepared)
     cell, ev = _cell(method, bb.name, args.weights), _evaluation(args, n)
-    counter = iter(range(10**6))
 
     def whole():
-        out = tmp / f"{bb.name}-{method}-{next(counter)}.parquet"
-        shards.run_shard(shards.ShardJob(cell=cell, images=images, evaluation=ev,
-                                         checkpoint=None, seed=args.seed, shard=0,
-                                         indices=tuple(range(n)), out_path=str(out),
-                                         prepared=str(prepared.path)))
+        shards.run_shard(shards.ShardJob(cell=cell, images=images, list_hash=prepared.list_hash,
+                                         weights_id=bb.weights_id, evaluation=ev, head=None,
+                                         seed=args.seed, shard=0, indices=tuple(range(n))))
 
     torch.manual_seed(0)
     ex, evaluator = methods.create(method, bb), Evaluator(bb)
@@ -100,7 +97,8 @@ def bench_method(args, bb, prepared, images, method: str, tmp: Path) -> dict[str
         for x in batches:
             evaluator.evaluate(x, ex.explain(x), logits=ex.last_logits)
 
-    with mock.patch.object(shards, "_load_backbone", lambda *a: bb):
+    with mock.patch.object(shards, "_load_backbone", lambda *a: bb), \
+            mock.patch.object(shards, "_load_prepared", lambda *a: prepared):
         whole()                                   # warm-up (imports, allocator)
         compute()
         w = _median_per_image(whole, args.repeats, n)

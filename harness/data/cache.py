@@ -36,9 +36,11 @@ def inside_ray_job() -> bool:
 
 
 def use_storage(uri: str | os.PathLike | None) -> None:
-    """Make ``uri`` (the spec's ``storage.uri``; None = keep the default) the cache root of
-    this process and of the Ray workers it starts."""
-    if uri is not None:
+    """A local ``storage.uri`` (the spec's; None = keep the default) also holds the cache of
+    this process and of the Ray workers it starts, unless ``HARNESS_CACHE_DIR`` names one: one
+    folder keeps everything on a single machine. A remote storage (``s3://...``) keeps only
+    the results; the cache stays node-local (``harness.data.storage``)."""
+    if uri is not None and "://" not in str(uri) and not os.environ.get(CACHE_ENV):
         os.environ[CACHE_ENV] = str(Path(uri).expanduser().resolve())
 
 

@@ -74,20 +74,21 @@ class Prepared:
         return torch.from_numpy(np.array(raw)).float().div_(255)     # a copy: not the map
 
 
-def identity(images, dataset) -> dict:
+def identity(images, list_hash: str) -> dict:
     """What determines the prepared pixels: the image set and the list it resolved to."""
-    return {"images": images.identity(), "list": dataset.list_hash, "version": VERSION}
+    return {"images": images.identity(), "list": list_hash, "version": VERSION}
 
 
-def folder(root: Path, images, dataset) -> Path:
-    return Path(root) / "prepared" / stable_hash(identity(images, dataset), 16)
+def folder(root: Path, images, list_hash: str) -> Path:
+    """The prepared set's folder (the same on every node for the same images)."""
+    return Path(root) / "prepared" / stable_hash(identity(images, list_hash), 16)
 
 
 def prepare(images, dataset, root: Path, workers: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> Prepared:
     """The prepared set of ``dataset`` (an ``ImageDataset`` built from ``images``), decoding
     every image once on first use (see the module docstring)."""
-    dest = folder(root, images, dataset)
+    dest = folder(root, images, dataset.list_hash)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(dest.with_name(dest.name + ".lock")):
         if not (dest / INDEX).is_file():

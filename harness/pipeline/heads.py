@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import sys
 import json
 import os
 import tempfile
@@ -23,10 +25,12 @@ from typing import Any
 
 import torch
 
-from harness.data.cache import stable_hash
+from harness.data.cache import cache_dir, stable_hash
+from harness.data.storage import Storage
 from harness.pipeline import devices
 from harness.pipeline.inputs import Inputs
 from harness.pipeline.plan import HeadGroup, HeadPlan, Plan
+from harness.pipeline.shards import HeadRef
 from methods.lcam import AttentionHead
 from methods.lcam_train import (TrainConfig, head_meta, make_optimizer, save_head, seed_epoch,
                                 train_step)
@@ -259,12 +263,12 @@ def train_loop_per_worker(config: dict) -> None:
         _report(config, trainer, epoch, per_head, rank)
 
 
-def fit_heads(group: HeadGroup, *, name: str, seed: int, storage_path: Path,
+def fit_heads(group: HeadGroup, *, name: str, seed: int, storage: Storage,
               tracking_uri: str | None = None, run_ids: dict[str, str] | None = None,
               progress_file: Path | None = None, max_failures: int = 2) -> dict[str, dict]:
     """Run (or resume) one Ray Train fit of ``group``: {head id: state_dict} of the last epoch.
 
-    ``name`` and ``storage_path`` identify the fit: the same pair resumes it. ``run_ids``
+    ``name`` and ``storage`` identify the fit: the same pair resumes it. ``run_ids``
     (head id -> MLflow run) receive the training curves; ``progress_file`` the epochs done.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -278,7 +282,7 @@ def fit_heads(group: HeadGroup, *, name: str, seed: int, storage_path: Path,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=group.workers, use_gpu=group.use_gpu,
                                      resources_per_worker={"CPU": group.num_threads}),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+        run_config=RunConfig(name=name, **storage.ray_storage(),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -307,14 +311,18 @@ def head_identity(group: HeadGroup, head: HeadPlan, weights_id: str) -> dict:
 
 
 def write_heads(states: dict[str, dict], backbone, group: HeadGroup,
-                paths: dict[str, Path], extra: dict[str, Any] | None = None) -> None:
-    """Save each trained head as a small checkpoint file (atomic)."""
+                paths: dict[str, str], storage: Storage,
+                extra: dict[str, Any] | None = None) -> None:
+    """Save each trained head as a small checkpoint file in the storage (atomic)."""
     cfgs = {h.method_id: h.config for h in group.heads}
     for hid, state in states.items():
         head = AttentionHead(backbone.feature_channels, backbone.num_classes)
         head.load_state_dict(state)
-        save_head(paths[hid], head, head_meta(backbone, cfgs[hid], epochs_done=cfgs[hid].epochs,
-                                              **(extra or {})))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = save_head(Path(tmp) / "head.pt", head,
+                              head_meta(backbone, cfgs[hid], epochs_done=cfgs[hid].epochs,
+                                        **(extra or {})))
+            storage.write_bytes(paths[hid], local.read_bytes())
 
 
 def train_config_dict(cfg: TrainConfig) -> dict:
@@ -328,41 +336,71 @@ def train_config_dict(cfg: TrainConfig) -> dict:
 
 
 # -- the stage: which heads exist, which to train ------------------------------------------------
-def head_files(plan: Plan, inputs: Inputs, root: Path) -> dict[str, Path]:
-    """Cell key -> its head checkpoint: given in the spec, or the cache file of a trained one."""
-    files = {c.key: Path(c.checkpoint) for c in plan.cells if c.checkpoint}
+def head_files(plan: Plan, inputs: Inputs, storage: Storage) -> dict[str, str]:
+    """Cell key -> its head: a checkpoint given in the spec (a local file), or the storage
+    path of a trained one (named by the hash of ``head_identity``)."""
+    files = {c.key: c.checkpoint for c in plan.cells if c.checkpoint}
     for group in plan.head_groups:
         wid = inputs.weights_id(group.backbone)
         for head in group.heads:
             name = f"{head.mode}-{stable_hash(head_identity(group, head, wid))}.pt"
-            files[f"{group.backbone}/{head.method_id}"] = root / "heads" / group.backbone / name
+            files[f"{group.backbone}/{head.method_id}"] = storage.path("heads", group.backbone,
+                                                                      name)
     return files
 
 
-def _fit_name(group: HeadGroup, files: list[Path]) -> str:
-    return f"heads-{group.backbone}-{stable_hash([f.name for f in files], 10)}"
+def head_bytes(plan: Plan, storage: Storage, key: str, path: str) -> bytes:
+    """The bytes of a cell's head file (a given checkpoint is read where it is)."""
+    given = any(c.key == key and c.checkpoint for c in plan.cells)
+    return Path(path).read_bytes() if given else storage.read_bytes(path)
 
 
-def train_heads(plan: Plan, inputs: Inputs, root: Path, tracking_uri: str,
-                run_ids: dict[str, str], progress) -> dict[str, Path]:
-    """Train every head not in the cache (one Ray Train fit per group, resumable); returns
-    ``head_files``. ``progress(label, done, total)`` follows the epochs of each fit."""
-    files = head_files(plan, inputs, root)
+def head_refs(plan: Plan, storage: Storage, files: dict[str, str]) -> dict[str, HeadRef]:
+    """Each learned cell's head as a ``HeadRef`` for the shard tasks: its bytes read once
+    (into Ray's object store when Ray is up, so that every task gets them wherever it runs),
+    named by their hash (which also names the cell's shard folder)."""
+    refs: dict[str, HeadRef] = {}
+    for key, path in files.items():
+        data = head_bytes(plan, storage, key, path)
+        name = f"{hashlib.sha256(data).hexdigest()[:16]}-{path.rsplit('/', 1)[-1]}"
+        payload = data
+        if "ray" in sys.modules:
+            import ray
+            payload = ray.put(data) if ray.is_initialized() else data
+        refs[key] = HeadRef(name, payload)
+    return refs
+
+
+def missing_heads(plan: Plan, files: dict[str, str], storage: Storage) -> bool:
+    return any(not storage.exists(files[f"{g.backbone}/{h.method_id}"])
+               for g in plan.head_groups for h in g.heads)
+
+
+def _fit_name(group: HeadGroup, files: list[str]) -> str:
+    return f"heads-{group.backbone}-{stable_hash([f.rsplit('/', 1)[-1] for f in files], 10)}"
+
+
+def train_heads(plan: Plan, inputs: Inputs, storage: Storage, tracking_uri: str,
+                run_ids: dict[str, str], progress) -> dict[str, str]:
+    """Train every head not in the storage (one Ray Train fit per group, resumable: its
+    checkpoints are in the storage too); returns ``head_files``. ``progress(label, done,
+    total)`` follows the epochs of each fit."""
+    files = head_files(plan, inputs, storage)
     for group in plan.head_groups:
         missing = [h for h in group.heads
-                   if not files[f"{group.backbone}/{h.method_id}"].exists()]
+                   if not storage.exists(files[f"{group.backbone}/{h.method_id}"])]
         if not missing:
             continue
         group = dataclasses.replace(group, heads=tuple(missing))
         paths = {h.method_id: files[f"{group.backbone}/{h.method_id}"] for h in missing}
         name = _fit_name(group, list(paths.values()))
-        progress_file = root / "ray_results" / f"{name}.progress.json"
+        progress_file = cache_dir() / "ray_results" / f"{name}.progress.json"
         progress_file.parent.mkdir(parents=True, exist_ok=True)
         label = f"train heads {group.backbone} ({len(missing)})"
         progress(label, 0, group.epochs)
         with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(fit_heads, group, name=name, seed=plan.seed,
-                                 storage_path=root / "ray_results", tracking_uri=tracking_uri,
+            future = pool.submit(fit_heads, group, name=name, seed=plan.seed, storage=storage,
+                                 tracking_uri=tracking_uri,
                                  run_ids={h.method_id: run_ids[f"{group.backbone}/{h.method_id}"]
                                           for h in missing},
                                  progress_file=progress_file)
@@ -372,5 +410,5 @@ def train_heads(plan: Plan, inputs: Inputs, root: Path, tracking_uri: str,
                     progress(label, json.loads(progress_file.read_text())["epoch"], group.epochs)
             states = future.result()
         progress(label, group.epochs, group.epochs)
-        write_heads(states, inputs.backbones[group.backbone], group, paths, {"fit": name})
+        write_heads(states, inputs.backbones[group.backbone], group, paths, storage, {"fit": name})
     return files

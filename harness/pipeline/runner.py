@@ -27,9 +27,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from harness.data.cache import cache_dir, check_persistent, use_storage, write_text_atomic
+from harness.data.storage import Storage
 from harness.pipeline import ray_runtime, resources
 from harness.pipeline.evaluation import evaluate, shard_jobs
-from harness.pipeline.heads import head_files, train_heads
+from harness.pipeline.heads import head_files, head_refs, missing_heads, train_heads
 from harness.pipeline.inputs import load_backbones, prepare_data
 from harness.pipeline.plan import Plan, plan as make_plan
 from harness.results.record import common_tags, open_runs, record_cell, show
@@ -49,12 +50,13 @@ class RunResult:
     failed: dict[str, str] = field(default_factory=dict)      # cell key -> error
 
 
-def prepare_locations(spec) -> str:
-    """Apply the spec's storage, refuse temporary locations under a Ray job; the MLflow URI."""
+def prepare_locations(spec) -> tuple[str, Storage]:
+    """Apply the spec's storage, refuse temporary locations under a Ray job: the MLflow URI
+    and the results storage (``storage.uri``, else the cache folder)."""
     use_storage(spec.storage.uri)
     uri = spec.tracking.uri or tracking_uri()
     check_persistent(uri)
-    return uri
+    return uri, Storage(spec.storage.uri or cache_dir())
 
 
 def init_ray(spec) -> None:
@@ -86,13 +88,14 @@ def _progress(console: Console) -> Progress:
                     TimeElapsedColumn(), console=console, transient=False)
 
 
-def left_to_compute(plan: Plan, inputs, root: Path) -> bool:
-    """Whether any head, shard or analysis of the plan is not in the cache yet (a rerun that
-    only re-aggregates starts no Ray)."""
-    heads = head_files(plan, inputs, root)
-    if not all(p.exists() for p in heads.values()):
+def left_to_compute(plan: Plan, inputs, storage: Storage) -> bool:
+    """Whether any head, shard or analysis of the plan is not in the storage yet (a rerun
+    that only re-aggregates starts no Ray)."""
+    files = head_files(plan, inputs, storage)
+    if missing_heads(plan, files, storage):
         return True
-    return not all(work.complete for work in shard_jobs(plan, inputs, heads, root))
+    works = shard_jobs(plan, inputs, head_refs(plan, storage, files), storage)
+    return not all(work.complete for work in works)
 
 
 def _save_spec(spec, root: Path) -> Path:
@@ -103,14 +106,14 @@ def _save_spec(spec, root: Path) -> Path:
 def run_benchmark(spec, console: Console | None = None) -> RunResult:
     """Run a validated spec (see the module docstring); raises if any cell failed."""
     console, clock = console or make_console(), Stopwatch()
-    uri = prepare_locations(spec)
+    uri, storage = prepare_locations(spec)
     root, plan = cache_dir(), make_plan(spec)
     with _progress(console) as progress:
         with clock("data"):
             inputs = prepare_data(plan, _Bars(progress), root)
         with clock("backbones"):
             load_backbones(plan, inputs, _Bars(progress))
-    if left_to_compute(plan, inputs, root):
+    if left_to_compute(plan, inputs, storage):
         with clock("ray"):
             init_ray(spec)
             resources.check(resources.demands(plan))
@@ -125,13 +128,13 @@ def run_benchmark(spec, console: Console | None = None) -> RunResult:
             with clock("tracking"):
                 run_ids = open_runs(plan, inputs, tracker, parent_id, tags)
             with clock("heads"):
-                heads = train_heads(plan, inputs, root, tracker.uri, run_ids, bars)
-            works = shard_jobs(plan, inputs, heads, root)
+                heads = train_heads(plan, inputs, storage, tracker.uri, run_ids, bars)
+            works = shard_jobs(plan, inputs, head_refs(plan, storage, heads), storage)
             with clock("evaluation"):
                 evaluate(plan, works, bars)
         with clock("tracking"):
             for work in works:
-                tracker.log(run_ids[work.cell.key], tags={"shard_dir": str(work.shard_dir)})
+                tracker.log(run_ids[work.cell.key], tags={"shard_dir": work.folder})
                 result.metrics[work.cell.key] = record_cell(plan, inputs, work, tracker,
                                                             run_ids[work.cell.key], spec_file)
                 if work.error:

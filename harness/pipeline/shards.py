@@ -2,21 +2,27 @@
 
 ``run_shard(ShardJob)`` loads the backbone, the explainer and the images *inside the task*
 (cached per worker process; no model is captured in a closure), explains its slice of the
-cell's images, scores them with ``harness.metrics.protocol.Evaluator`` and writes one row per
-image (``harness.metrics.aggregate`` lists the columns) to a Parquet file, atomically (a
-temporary name starting with '.', then ``os.replace``): a finished shard is never rewritten
-and a rerun skips it. The first shard of a cell also keeps the maps of its first images.
-
-``run_analysis(AnalysisJob)`` runs once all shards of a cell exist, on the same resources:
-the per-image table of the run, the overlay grid of the kept maps, and the error analysis,
-class gallery, shortcut figure and sanity randomisation of ``harness.results.analysis``. All
+cell's images and scores them with ``harness.metrics.protocol.Evaluator``: one row per image
+(``harness.metrics.aggregate`` lists the columns). The first shard of a cell also keeps the
+maps of its first images. ``run_analysis(AnalysisJob)`` runs once all shards of a cell exist,
+on the same resources: the overlay grid of the kept maps, and the error analysis, class
+gallery, shortcut figure and sanity randomisation of ``harness.results.analysis``. All
 per-image work happens in these tasks; the driver only aggregates rows and records files.
+
+The tasks write nothing shared: they *return* their rows, maps and files through Ray's object
+store and the driver writes them to the run's storage (``harness.data.storage``), so a
+cluster needs no shared filesystem. What a task reads is node-local and rebuilt where
+missing, deterministically: the quickstart data, the embedded backbone's weights and the
+prepared (decoded) images of the backbone (``harness.data.prepared``), in the node's cache;
+the L-CAM head arrives through the object store (``HeadRef``). A node that rebuilds them
+differently from the driver (another weights hash, another evaluation list) fails the task
+with ``InputMismatch`` instead of computing other numbers.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import io
 import os
 import socket
 import time
@@ -27,18 +33,37 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from harness.data.cache import atomic_write, write_text_atomic
+from harness.data.cache import atomic_write, cache_dir
 from harness.metrics import causal, localisation
-from harness.metrics.aggregate import columns, read_rows
+from harness.metrics.aggregate import columns
 from harness.metrics.protocol import Evaluator
 from harness.pipeline import devices
 from harness.pipeline.plan import Cell, EvaluationPlan, ImageSet
 
 ROWS_VERSION = 2   # bumped whenever the rows a shard writes change (then shards are redone)
-ANALYSIS_FILE = "analysis.json"    # a cell's analysis result; its presence means "done"
+
+
+class InputMismatch(Exception):
+    """A node rebuilt an input differently from the driver (weights, evaluation list)."""
+
+
+@dataclass(frozen=True)
+class HeadRef:
+    """An L-CAM head for the tasks: its file name and its bytes (a Ray object reference, or
+    the bytes themselves), written to the node's cache on first use."""
+
+    name: str
+    data: Any
+
+    def local_path(self) -> str:
+        path = cache_dir() / "heads" / "received" / self.name
+        if not path.is_file():
+            import ray
+            data = ray.get(self.data) if isinstance(self.data, ray.ObjectRef) else self.data
+            atomic_write(path, lambda tmp: tmp.write_bytes(data))
+        return str(path)
 
 
 @dataclass(frozen=True)
@@ -47,28 +72,29 @@ class ShardJob:
 
     cell: Cell
     images: ImageSet
+    list_hash: str                    # the evaluation list the driver resolved
+    weights_id: str                   # the weights the driver loaded
     evaluation: EvaluationPlan
-    checkpoint: str | None            # the L-CAM head (learned methods)
+    head: HeadRef | None              # the L-CAM head (learned methods)
     seed: int
     shard: int
     indices: tuple[int, ...]          # positions in the evaluation data set
-    out_path: str
-    prepared: str                     # the decoded images (harness.data.prepared)
     save_maps: int = 0                # keep the first N images' maps (for the overlay grid)
 
 
 @dataclass(frozen=True)
 class AnalysisJob:
-    """The per-cell work after its shards: per-image table, overlays, figures, sanity."""
+    """The per-cell work after its shards: overlays, figures, sanity."""
 
     cell: Cell
     images: ImageSet
+    list_hash: str
+    weights_id: str
     evaluation: EvaluationPlan
-    checkpoint: str | None
+    head: HeadRef | None
     seed: int
-    shard_paths: tuple[str, ...]
-    out_dir: str                      # the cell's artifacts folder
-    prepared: str                     # the decoded images (harness.data.prepared)
+    rows: Any                         # the cell's per-image rows (a pyarrow table)
+    maps: bytes | None                # the first shard's kept maps (torch.save bytes)
 
 
 @lru_cache(maxsize=4)
@@ -79,26 +105,41 @@ def _load_backbone(name: str, weights: Any, device: str, channels_last: bool = F
 
 
 @lru_cache(maxsize=4)
-def _load_prepared(path: str):
-    from harness.data.prepared import Prepared
+def _load_prepared(images: ImageSet, list_hash: str):
+    """The node's prepared images of ``images``, made here from its own copy of the data when
+    missing (the quickstart data set is generated too), and checked against the driver's."""
+    from harness.data.prepared import Prepared, folder, prepare
+    path = folder(cache_dir(), images, list_hash)
+    if not path.is_dir():
+        dataset = images.build()
+        if dataset.list_hash != list_hash:
+            raise InputMismatch(f"node {socket.gethostname()} resolved another evaluation list "
+                                f"({dataset.list_hash}) than the driver ({list_hash}) from "
+                                f"{images.root or images.kind}: its data differs")
+        return prepare(images, dataset, cache_dir())
     return Prepared(path)
 
 
-def _prepare(cell: Cell, evaluation: EvaluationPlan, checkpoint: str | None, **changes):
+def _prepare(job, **changes):
     """``(device, backbone, explainer)`` of a task (``harness.pipeline.devices``: the
     device, a GPU asked for or an error, float32 unless asked); under ``autocast`` the
     explainer gets a view of the backbone whose passes alone run in reduced precision.
-    ``changes`` override the method's parameters (a halved batch after running out of
-    memory)."""
+    ``changes`` override the method's parameters."""
     import methods
+    cell, evaluation = job.cell, job.evaluation
     torch.set_num_threads(evaluation.num_threads)
     device = devices.task_device(evaluation.gpus_per_task, f"the shard task of {cell.key}")
     devices.set_precision(device, evaluation.tf32, evaluation.deterministic)
     backbone = _load_backbone(cell.backbone, cell.weights, str(device), evaluation.channels_last)
+    if backbone.weights_id != job.weights_id:
+        raise InputMismatch(f"node {socket.gethostname()} has other weights for "
+                            f"{cell.backbone} ({backbone.weights_id}) than the driver "
+                            f"({job.weights_id}): their builds differ")
     seen = backbone
     if evaluation.autocast:
         seen = backbone.with_autocast(torch.float16 if device.type == "cuda" else torch.bfloat16)
-    params = dict(cell.params, **({"checkpoint": checkpoint} if checkpoint else {}), **changes)
+    head = {"checkpoint": job.head.local_path()} if job.head else {}
+    params = dict(cell.params, **head, **changes)
     return device, backbone, methods.create(cell.method, seen, variant=cell.variant, **params)
 
 
@@ -109,25 +150,6 @@ def explain_batch(explainer, images: torch.Tensor, autocast: bool) -> torch.Tens
     float32 on the plain backbone."""
     del autocast                                  # carried by the explainer's backbone view
     return explainer.explain(images)
-
-
-def _test_fault(out: Path, shard: int) -> None:
-    """Test-only fault injection (tests/e2e/test_reliability.py), inert unless the variable is set.
-
-    ``HARNESS_TEST_KILL_SHARD=<method_id>:<shard>`` SIGKILLs the worker process running that
-    shard, once: the marker ``.killed-<shard file>`` beside the shard (atomic create) makes
-    the retry, and any later run on the same cache, compute it normally.
-    """
-    target = os.environ.get("HARNESS_TEST_KILL_SHARD")
-    if not target or target != f"{out.parent.name.rsplit('-', 1)[0]}:{shard}":
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.close(os.open(out.with_name(f".killed-{out.name}"), os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return
-    import signal
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Rows:
@@ -227,22 +249,36 @@ def _concat_scores(parts):
                                          for k in ("targets", "y", "o", "degenerate")})
 
 
+def _test_fault(job: ShardJob) -> None:
+    """Test-only fault injection (tests/e2e/test_reliability.py), inert unless the variable is set.
+
+    ``HARNESS_TEST_KILL_SHARD=<method_id>:<shard>`` SIGKILLs the worker process running that
+    shard, once: the marker file in the node's cache (atomic create) makes the retry, and
+    any later run on the same cache, compute it normally.
+    """
+    target = os.environ.get("HARNESS_TEST_KILL_SHARD")
+    if not target or target != f"{job.cell.method_id}:{job.shard}":
+        return
+    marker = cache_dir() / "test-faults" / f"killed-{job.cell.key.replace('/', '-')}-{job.shard}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run_shard(job: ShardJob) -> dict:
-    """Evaluate one shard and write its Parquet file and its summary (stage seconds, device,
-    process) beside it; returns the summary."""
-    out = Path(job.out_path)
-    summary_file = out.with_suffix(".json")
-    if out.exists():
-        done = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-        return {**done, "shard": job.shard, "rows": pq.read_metadata(out).num_rows,
-                "reused": True}
-    _test_fault(out, job.shard)
+    """Evaluate one shard: ``{"rows": pyarrow table, "maps": bytes | None, "summary": {stage
+    seconds, device, process, node}}`` (the driver writes them to the storage)."""
+    _test_fault(job)
     ev = job.evaluation
     torch.manual_seed(job.seed + job.shard)
-    device, backbone, explainer = _prepare(job.cell, ev, job.checkpoint)
+    device, backbone, explainer = _prepare(job)
     clock = _Clock(device)
     evaluator = Evaluator(backbone, ev.fractions, ev.preset)
-    images_of = _load_prepared(job.prepared)
+    images_of = _load_prepared(job.images, job.list_hash)
     rows = _Rows(ev.fractions, causal.columns_for(ev.causal))
     kept = {"images": [], "maps": [], "ids": []}
     for indices, images in _batches(images_of, job.indices, ev.batch_size, device,
@@ -264,57 +300,51 @@ def run_shard(job: ShardJob) -> dict:
             kept["maps"] += list(saliency[:room].cpu())
             kept["ids"] += [str(it[2]) for it in items[:room]]
     with clock.stage("write"):
+        table = pa.table(rows.data)
+        maps = None
         if kept["ids"]:
-            maps = {"images": torch.stack(kept["images"]), "maps": torch.stack(kept["maps"]),
-                    "ids": kept["ids"]}
-            atomic_write(out.with_name(f"maps-{job.shard:05d}.pt"),
-                         lambda tmp: torch.save(maps, tmp))
-        write_table_atomic(pa.table(rows.data), out)
-    summary = {"shard": job.shard, "rows": len(rows.data["image_id"]), "reused": False,
-               "seconds": clock.seconds, "device": devices.describe(device),
-               "pid": os.getpid(), "node": socket.gethostname(),
+            buf = io.BytesIO()
+            torch.save({"images": torch.stack(kept["images"]), "maps": torch.stack(kept["maps"]),
+                        "ids": kept["ids"]}, buf)
+            maps = buf.getvalue()
+    summary = {"shard": job.shard, "rows": table.num_rows, "seconds": clock.seconds,
+               "device": devices.describe(device), "pid": os.getpid(),
+               "node": socket.gethostname(), "node_id": _node_id(),
                "method_batch_size": explainer.config.get("batch_size")}
-    write_text_atomic(summary_file, json.dumps(summary))
-    return summary
+    return {"rows": table, "maps": maps, "summary": summary}
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+def _node_id() -> str | None:
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:                                   # outside Ray (tests, bench)
+        return None
 
 
 def run_analysis(job: AnalysisJob) -> dict:
-    """The per-cell work after its shards; returns ``{"metrics", "artifacts": [(path, dir)]}``
-    (``dir``: the MLflow artifact folder, None = the run's root)."""
+    """The per-cell work after its shards: ``{"metrics", "files": {name: bytes}, "seconds"}``
+    (``name`` relative to the cell's artifacts: ``overlays.png``, ``analysis/<figure>.png``)."""
+    import tempfile
+
     from harness.results import analysis
     from harness.results.overlays import save_overlay_grid
     started = time.perf_counter()
-    _, backbone, explainer = _prepare(job.cell, job.evaluation, job.checkpoint)
-    rows = read_rows(job.shard_paths)
-    out = Path(job.out_dir)
-    per_image = out / "per_image.parquet"
-    write_table_atomic(rows, per_image)
-    artifacts: list[tuple[str, str | None]] = [(str(per_image), None)]
-    maps = Path(job.shard_paths[0]).with_name("maps-00000.pt")
-    if maps.exists():
-        saved = torch.load(maps, weights_only=True)
-        png = save_overlay_grid(out / "overlays.png", saved["images"], saved["maps"],
-                                saved["ids"])
-        artifacts.append((str(png), None))
-    metrics: dict[str, float] = {}
-    if job.evaluation.overlays:
-        found = analysis.analyse(backbone, explainer, _load_prepared(job.prepared),
-                                 out / "analysis", per_image=rows, seed=job.seed,
-                                 sanity_images=1 if job.cell.family == "perturbation" else None)
-        metrics = found["metrics"]
-        artifacts += [(str(p), "analysis") for p in found["paths"]]
-    result = {"metrics": metrics, "artifacts": artifacts,
-              "seconds": time.perf_counter() - started}
-    write_text_atomic(out / ANALYSIS_FILE, json.dumps(result, indent=1))   # written last
-    return result
-
-
-def finished_analysis(out_dir: str | Path) -> dict | None:
-    """The result of a cell's analysis task that ran before (its folder is the cell's
-    identity, so the same inputs), or None."""
-    path = Path(out_dir) / ANALYSIS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    _, backbone, explainer = _prepare(job)
+    with tempfile.TemporaryDirectory(prefix="analysis-") as tmp:
+        out, paths = Path(tmp), []
+        if job.maps:
+            saved = torch.load(io.BytesIO(job.maps), weights_only=True)
+            paths.append(save_overlay_grid(out / "overlays.png", saved["images"], saved["maps"],
+                                           saved["ids"]))
+        metrics: dict[str, float] = {}
+        if job.evaluation.overlays:
+            found = analysis.analyse(backbone, explainer,
+                                     _load_prepared(job.images, job.list_hash),
+                                     out / "analysis", per_image=job.rows, seed=job.seed,
+                                     sanity_images=1 if job.cell.family == "perturbation"
+                                     else None)
+            metrics = found["metrics"]
+            paths += list(found["paths"])
+        files = {str(Path(p).relative_to(out)): Path(p).read_bytes() for p in paths}
+    return {"metrics": metrics, "files": files, "seconds": time.perf_counter() - started}

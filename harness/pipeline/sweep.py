@@ -30,6 +30,7 @@ from harness.errors import UserError
 from harness.data.cache import cache_dir, write_text_atomic
 from harness.pipeline import devices, resources
 from harness.pipeline.heads import loader_options
+from harness.data.storage import Storage
 from harness.pipeline.plan import ImageSet, image_set, train_config
 from methods.lcam_train import TrainConfig
 
@@ -186,16 +187,19 @@ def _scheduler(sweep, max_t: int):
                          grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
 
 
-def _tuner(spec, sweep, base: TrialBase, exp_dir: Path, resume: bool, tracking_uri: str,
-           parent: str):
-    """A new ``Tuner`` for the sweep, or the interrupted one restored (``--resume``)."""
+def _tuner(spec, sweep, base: TrialBase, storage: Storage, name: str, resume: bool,
+           tracking_uri: str, parent: str):
+    """A new ``Tuner`` for the sweep, or the interrupted one restored (``--resume``); its
+    results in ``<storage>/tune/<name>``."""
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     trainable = tune.with_resources(tune.with_parameters(trial, base=base),
                                     {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
-    if resume and tune.Tuner.can_restore(str(exp_dir)):
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True,
-                                  param_space=search_space(sweep))
+    fs = {} if storage.local else {"storage_filesystem": storage.fs}
+    exp_dir = storage.path("tune", name)
+    if resume and tune.Tuner.can_restore(exp_dir, **fs):
+        return tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True,
+                                  param_space=search_space(sweep), **fs)
     max_t = max([base.config.epochs] + [int(v) for d in sweep.space.get("epochs", {}).values()
                                         for v in d])
     callbacks = [MLflowLoggerCallback(
@@ -207,9 +211,11 @@ def _tuner(spec, sweep, base: TrialBase, exp_dir: Path, resume: bool, tracking_u
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode,
                                     scheduler=_scheduler(sweep, max_t),
                                     num_samples=sweep.num_samples, reuse_actors=True),
-        run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
+        run_config=tune.RunConfig(name=name, storage_path=storage.path("tune"), **fs,
                                   callbacks=callbacks, verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                                  checkpoint_config=tune.CheckpointConfig(
+                                      num_to_keep=1, checkpoint_score_attribute=sweep.metric,
+                                      checkpoint_score_order=sweep.mode)))
 
 
 def _ranked(results, sweep, base: TrialBase) -> tuple[list[tuple], int]:
@@ -259,12 +265,12 @@ def run_sweep(spec, resume: bool = False, console=None) -> dict:
     from harness.pipeline.runner import init_ray, prepare_locations
     from harness.results.tracking import Tracker, git_commit, package_versions
     from harness.terminal import make_console
-    uri = prepare_locations(spec)
+    uri, storage = prepare_locations(spec)
     prepare_environment(spec.ray.address)        # before ray is imported
     console, sweep = console or make_console(), spec.sweep
     name = f"{spec.name}-{spec.fingerprint()}"
-    exp_dir = cache_dir() / "tune" / name
-    if exp_dir.exists() and not resume:
+    exp_dir = storage.path("tune", name)
+    if storage.exists(exp_dir) and not resume:
         raise SweepExists(f"a sweep of this spec already exists at {exp_dir}: pass --resume "
                           "to continue it, or delete that folder to start over")
     base = trial_base(spec, sweep)
@@ -277,7 +283,7 @@ def run_sweep(spec, resume: bool = False, console=None) -> dict:
         "backbone": sweep.backbone, "method_id": sweep.method}, role="sweep")
     ok = False
     try:
-        results = _tuner(spec, sweep, base, exp_dir, resume, tracker.uri, parent).fit()
+        results = _tuner(spec, sweep, base, storage, name, resume, tracker.uri, parent).fit()
         best = results.get_best_result(sweep.metric, sweep.mode, scope="all")
         ok = best is not None and best.config is not None
     finally:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from harness.data.cache import cache_dir
 from harness.metrics import localisation, statistics
-from harness.metrics.aggregate import aggregate, per_image_terms, read_rows
+from harness.metrics.aggregate import aggregate, per_image_terms
 from harness.metrics.protocol import fraction_key
 from harness.pipeline.evaluation import CellWork
 from harness.pipeline.inputs import Inputs
@@ -61,7 +62,7 @@ def record_cell(plan: Plan, inputs: Inputs, work: CellWork, tracker: Tracker, ru
         tracker.finish(run_id, ok=False)
         return {}
     cell = work.cell
-    rows = read_rows(work.shard_paths)
+    rows = work.storage.read_table(work.shard_paths)
     metrics = aggregate(rows, plan.evaluation.fractions, cell.forward_passes,
                         inputs.images(cell.backbone))
     metrics.update(localisation.energy_metrics(rows))
@@ -71,18 +72,25 @@ def record_cell(plan: Plan, inputs: Inputs, work: CellWork, tracker: Tracker, ru
                                         settings, metrics))
     metrics["skipped_images"] = float(inputs.datasets[cell.backbone].skipped)
     metrics.update(work.analysis.get("metrics", {}))
+    head = work.jobs[0].head.local_path() if work.jobs[0].head else None
     explainer = methods.create(cell.method, inputs.backbones[cell.backbone],
                                variant=cell.variant, **cell.params,
-                               **({"checkpoint": work.checkpoint} if work.checkpoint else {}))
+                               **({"checkpoint": head} if head else {}))
     info = explainer.describe()
     tracker.log(run_id, metrics=metrics,
-                tags={k: v for k, v in info.items() if k == "rise_mask_hash"},
+                tags={**{k: v for k, v in info.items() if k == "rise_mask_hash"},
+                      "nodes": ",".join(work.nodes())},
                 params={**{k: v for k, v in info.items() if k != "rise_mask_hash"},
                         **settings.as_params()})
-    for path, folder in work.analysis.get("artifacts", []):
-        tracker.artifact(run_id, Path(path), folder)
-    if work.checkpoint and Path(work.checkpoint).exists():
-        tracker.artifact(run_id, Path(work.checkpoint), "head")
+    per_image = work.artifact_path("per_image.parquet")
+    work.storage.write_table(per_image, rows)
+    names = ["per_image.parquet", *work.analysis.get("files", [])]
+    for name in names:
+        folder = name.rsplit("/", 1)[0] if "/" in name else None
+        tracker.artifact(run_id, work.storage.fetch(work.artifact_path(name), cache_dir()),
+                         folder)
+    if head:
+        tracker.artifact(run_id, Path(head), "head")
     tracker.artifact(run_id, spec_file)
     tracker.finish(run_id)
     return metrics

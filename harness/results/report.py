@@ -27,10 +27,14 @@ parameters) in the terminal, and writes, atomically (temporary file + ``os.repla
   backbone (``harness.results.pairwise``);
 - ``table.csv``: one row per method run: ``backbone, display_name, method`` (registry key),
   ``method_id, variant, weights_id, status, run_id``, then every metric as ``repr(float)`` (so that the stored values are reproduced exactly; empty = not logged);
+  for a Table 1 preset run also ``paper_<metric>`` and ``diff_<metric>`` (ours - paper);
 - ``ad_ic_vs_fw-<backbone>.png``: AD (left) and IC (right) at each kept fraction against #FW
   on a log x axis, one colour per method, one marker per fraction (methods with equal #FW
   are spread by +-3% along x so that they stay visible); matplotlib's Agg canvas, no pyplot
   state (skipped with a warning when matplotlib is not installed).
+
+A run of a Table 1 preset (``jobs/table1_*.yaml``, tagged ``table1: <preset>``) shows the
+paper's value and the difference under each of our numbers (``harness.results.table1``).
 
 The files are logged as artifacts of the parent run under ``report/`` (``--no-log`` to skip).
 Exit 2 for an unknown experiment or run, or a benchmark without method runs.
@@ -44,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.metrics.statistics import StatisticsSettings
-from harness.results import pairwise, table
+from harness.results import pairwise, table, table1
 from harness.errors import UserError
 from harness.data.cache import atomic_write, write_text_atomic
 
@@ -148,7 +152,8 @@ def collect(client, parent) -> dict[str, Any]:
         row = {"method": label, "method_key": t.get("method", ""), "backbone": name,
                "method_id": t.get("method_id", ""),
                "variant": t.get("variant", ""), "weights_id": t.get("weights_id", ""),
-               "status": r.info.status, "run_id": r.info.run_id, **r.data.metrics}
+               "status": r.info.status, "run_id": r.info.run_id, **r.data.metrics,
+               "paper": table1.paper_row(t.get(table1.TAG), t.get("method_id"))}
         entry["rows"].append(row)
     for entry in backbones.values():
         labels = [row["method"] for row in entry["rows"]]
@@ -165,10 +170,17 @@ def collect(client, parent) -> dict[str, Any]:
 
 
 def caption(data: dict) -> str:
-    """What ± and the marks mean, for the settings of ``data``."""
+    """What ± and the marks mean, for the settings of ``data`` (and, for a Table 1 preset
+    run, what the paper's line under each number is)."""
     st = data.get("settings") or StatisticsSettings()
-    return table.caption(f"{st.confidence:.0%} {'BCa' if st.method == 'bca' else 'percentile'} "
+    text = table.caption(f"{st.confidence:.0%} {'BCa' if st.method == 'bca' else 'percentile'} "
                          "bootstrap", st.alpha)
+    parent = data.get("parent")
+    preset = parent.data.tags.get(table1.TAG) if parent is not None else None
+    if preset in table1.PAPER:
+        text += (f"; paper: the L-CAM paper's Table 1 (preset {table1.TAG}={preset}), "
+                 "Δ = ours - paper")
+    return text
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -203,14 +215,25 @@ def csv_text(data: dict) -> str:
                    for k, v in row.items() if isinstance(v, float)}
     extras = [k for k in EXTRA_ORDER if k in present and k not in cols]
     extras += sorted(metric_keys - set(cols) - set(extras))
+    papers = [c for c in cols if any(c in (row.get("paper") or {})
+                                     for e in data["backbones"].values() for row in e["rows"])]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow([*IDENTITY, *cols, *extras])
+    w.writerow([*IDENTITY, *cols, *extras, *(f"{k}_{c}" for c in papers
+                                             for k in ("paper", "diff"))])
     for entry in data["backbones"].values():
         for row in entry["rows"]:
             w.writerow([row.get(ROW_KEYS.get(k, k), "") for k in IDENTITY]
-                       + ["" if row.get(c) is None else repr(float(row[c])) for c in cols + extras])
+                       + ["" if row.get(c) is None else repr(float(row[c])) for c in cols + extras]
+                       + _paper_columns(row, papers))
     return buf.getvalue()
+
+
+def _paper_columns(row: dict, cols: list[str]) -> list[str]:
+    """The paper's value and ours - paper of each column in ``cols`` ('' where missing)."""
+    compared = table1.comparison(row, row.get("paper") or {})
+    return [repr(v) if v is not None else "" for c in cols
+            for v in (compared.get(c, (None, None)))]
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")

@@ -11,6 +11,10 @@ other column is a mean over images: a row is bold there only when it is *signifi
 better than every other row (``harness.metrics.statistics``: paired sign-flip tests,
 Holm-corrected), and underlined when it is so against every row but the bold one; the marks
 come with the rows (``row["marks"] = {column: 1 | 2}``). Without tests, nothing is marked.
+
+The paper's Table 1: a row of a Table 1 preset run carries ``row["paper"] = {column: value}``
+(``harness.results.table1``); each of its cells then shows, under ours, the paper's value
+and the difference: ``paper 32.12`` and ``Δ +0.38`` (Δ = ours - paper).
 """
 from __future__ import annotations
 
@@ -79,6 +83,18 @@ def cell(row: dict, col: str) -> str:
     return f"{text} ± {fmt(col, (high - low) / 2)}"
 
 
+def paper_lines(row: dict, col: str) -> list[str]:
+    """``['paper <value>', 'Δ <ours - paper>']`` where the row has the paper's value (the
+    second line only where it has ours too), else []."""
+    paper, ours = (row.get("paper") or {}).get(col), row.get(col)
+    if paper is None:
+        return []
+    lines = [f"paper {fmt(col, paper)}"]
+    if ours is not None:
+        lines.append(f"Δ {'+' if ours - paper >= 0 else '-'}{fmt(col, abs(ours - paper))}")
+    return lines
+
+
 def rich_table(title: str, rows: list[dict], cols: list[str], note: str | None = None) -> Table:
     """``rows``: dicts with 'method' (display name) and the metric columns; ``note``: the
     caption (default: ``caption()``)."""
@@ -92,8 +108,9 @@ def rich_table(title: str, rows: list[dict], cols: list[str], note: str | None =
         for c in cols:
             text = cell(r, c)
             rank = marks[c].get(i)
-            cells.append(f"[bold]{text}[/bold]" if rank == 1 else
-                         f"[underline]{text}[/underline]" if rank == 2 else text)
+            text = (f"[bold]{text}[/bold]" if rank == 1 else
+                    f"[underline]{text}[/underline]" if rank == 2 else text)
+            cells.append("\n".join([text, *(f"[dim]{line}[/dim]" for line in paper_lines(r, c))]))
         table.add_row(r["method"], *cells)
     table.caption = note or caption()
     return table
@@ -107,7 +124,8 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
         cells = []
         for c in cols:
             text, rank = cell(r, c), marks[c].get(i)
-            cells.append(f"**{text}**" if rank == 1 else f"<u>{text}</u>" if rank == 2 else text)
+            text = f"**{text}**" if rank == 1 else f"<u>{text}</u>" if rank == 2 else text
+            cells.append("<br>".join([text, *paper_lines(r, c)]))
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -88,7 +88,7 @@ def check_list_file(path: Path, report: Report, show: int = 5) -> None:
 
 
 def check_storage(storage: StorageSection, report: Report) -> StorageSection:
-    if storage.uri is None:
+    if storage.uri is None or "://" in storage.uri:          # None, or s3://, gs://, ...
         return storage
     return storage.model_copy(update={"uri": str(report.path(("storage", "uri"), storage.uri))})
 

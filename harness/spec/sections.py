@@ -279,10 +279,12 @@ class TrackingSection(Section):
 
 
 class StorageSection(Section):
-    """Where generated data, weights, heads, shards and Ray results go."""
+    """Where the results go: shards, heads, Ray Train and Tune checkpoints
+    (``harness.data.storage``)."""
 
     uri: Str | None = Field(None, description=(
-        "a folder; default: HARNESS_CACHE_DIR, else ./.harness-cache"))
+        "a folder, or a URI pyarrow reads (s3://bucket/prefix, gs://...); default: the cache "
+        "folder (HARNESS_CACHE_DIR, else ./.harness-cache)"))
 
 
 #: Ray's runtime_env fields (ray.runtime_env.RuntimeEnv), the keys ray.runtime_env accepts.

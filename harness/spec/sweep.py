@@ -119,9 +119,19 @@ def _space_dict(space: Space) -> dict[str, dict[str, list]]:
 
 
 def _metric(value: str) -> str:
+    """A metric name the trials report: AD/IC percents are written as the trials name them
+    (``harness.metrics.protocol.fraction_key``: AD_15, IC_2.5), else Tune never finds them."""
     if not METRIC.match(value):
         raise problem(f"{value!r} is not val_loss, val_ce, AD_<percent> or IC_<percent> "
                       "(e.g. AD_15)")
+    if value.startswith(("AD_", "IC_")):
+        from harness.metrics.protocol import fraction_key
+        kind, percent = value.split("_", 1)
+        canonical = f"{kind}_{fraction_key(float(percent) / 100)}"
+        if not 0 < float(percent) <= 100:
+            raise problem(f"{value!r}: the percent kept must be in (0, 100]")
+        if canonical != value:
+            raise problem(f"{value!r} is not the name the trials report: write {canonical}")
     return value
 
 
@@ -152,7 +162,8 @@ class SweepSection(Section):
         description="searchable train fields -> {choice|grid|uniform|loguniform: [...]}")
     num_samples: Int = Field(4, ge=1, description="samples of the random part")
     metric: Annotated[Str, AfterValidator(_metric)] = Field(
-        "val_loss", description="val_loss | val_ce | AD_<percent> | IC_<percent>, e.g. AD_15")
+        "val_loss", description=("AD_<percent> | IC_<percent>, e.g. AD_15 | val_loss | val_ce "
+                                 "(not while searching their weights)"))
     mode: Literal["min", "max"] | None = Field(None, description=(
         "default: max for IC_*, min otherwise"))
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)

@@ -56,10 +56,13 @@ def test_defaults_inside_a_ray_job_are_refused_naming_what_to_set(tmp_path, monk
     assert "storage.uri=" not in str(err.value)
 
 
-def test_use_storage_sets_the_cache_root_for_this_process_and_its_workers(tmp_path, monkeypatch):
+def test_a_local_storage_holds_the_cache_unless_one_is_named(tmp_path, monkeypatch):
     from harness.data.cache import cache_dir, use_storage
-    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "env"))
-    use_storage(None)
-    assert cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("HARNESS_CACHE_DIR", raising=False)
+    use_storage("s3://bucket/results")                  # remote results: the cache stays local
+    assert "HARNESS_CACHE_DIR" not in os.environ
     use_storage(tmp_path / "spec")
     assert cache_dir() == tmp_path / "spec" and os.environ["HARNESS_CACHE_DIR"] == str(tmp_path / "spec")
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "env"))
+    use_storage(tmp_path / "other")                     # a named cache wins
+    assert cache_dir() == tmp_path / "env"

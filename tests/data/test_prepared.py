@@ -40,8 +40,11 @@ def test_prepared_images_equal_the_transform_and_are_reused(tmp_path):
     assert first.list_hash == ds.list_hash and Prepared(first.path).classes == ds.classes
 
 
-def test_every_method_of_a_backbone_reads_the_prepared_set_no_decode(tmp_path, tiny_backbone):
-    """Two methods' shards over the same images: no image is decoded by a shard."""
+def test_every_method_of_a_backbone_reads_the_prepared_set_no_decode(tmp_path, tiny_backbone,
+                                                                     monkeypatch):
+    """Two methods' shards over the same images: no image is decoded by a shard (the shard
+    finds the prepared set in the node's cache)."""
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
     from harness.pipeline.plan import Cell
     images = ImageSet("imagenet", "val", (16, 16), root=str(folder(tmp_path)))
     ds = images.build()
@@ -55,10 +58,11 @@ def test_every_method_of_a_backbone_reads_the_prepared_set_no_decode(tmp_path, t
             cell = Cell(backbone="tiny", weights=None, method=method, method_id=method,
                         display_name=method, variant="paper", params={}, row=1,
                         family="gradient", forward_passes=1)
-            summary = shards.run_shard(shards.ShardJob(
-                cell=cell, images=images, evaluation=ev, checkpoint=None, seed=0, shard=0,
-                indices=tuple(range(6)), out_path=str(tmp_path / f"{method}.parquet"),
-                prepared=str(prepared.path)))
-            assert summary["rows"] == 6 and set(summary["seconds"]) >= {"load", "explain",
+            result = shards.run_shard(shards.ShardJob(
+                cell=cell, images=images, list_hash=prepared.list_hash,
+                weights_id=tiny_backbone.weights_id, evaluation=ev, head=None, seed=0, shard=0,
+                indices=tuple(range(6))))
+            summary = result["summary"]
+            assert summary["rows"] == 6 and result["rows"].num_rows == 6 and set(summary["seconds"]) >= {"load", "explain",
                                                                         "score", "write"}
     assert load.call_count == 0

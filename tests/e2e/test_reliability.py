@@ -262,7 +262,7 @@ def test_killed_shard_worker_is_retried_and_numbers_match(stores, reference, tmp
     cache = fresh_cache(tmp_path, heads_from=reference["cache"])
     env = stores.env(cache, ray_tmp, HARNESS_TEST_KILL_SHARD="rise:1")
     stores.ok(harness_run("tracking.experiment=rel-worker"), env)
-    markers = list((cache / "shards").glob("tiny_vgg/rise-*/.killed-shard-00001.parquet"))
+    markers = list((cache / "test-faults").glob("killed-tiny_vgg-rise-1"))
     assert len(markers) == 1, "the fault hook did not fire"
     metrics = stores.finished("rel-worker")
     assert_rows_complete(metrics)

@@ -211,11 +211,13 @@ def test_ls_shows_origins_families_and_refusals(plugin_path, tmp_path):
 
 def test_the_spec_runtime_env_reaches_ray_init(monkeypatch):
     """ray.runtime_env (e.g. the plugins for a cluster's workers) is passed to ray.init,
-    with the harness's own variables added to its env_vars."""
-    import ray
+    with the harness's own variables added to its env_vars. Ray is imported the way the
+    harness imports it (after ``prepare_environment``'s variables), so that later in-process
+    tests find it loopback-only."""
     from harness.pipeline import ray_runtime
-    for key, value in ray_runtime.QUIET.items():
+    for key, value in {**ray_runtime.QUIET, **ray_runtime.LOOPBACK_ONLY}.items():
         monkeypatch.setenv(key, value)
+    import ray
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))

@@ -346,8 +346,9 @@ def job_overrides(path: Path, tmp_path: Path) -> list[str]:
 
 def test_jobs_exist():
     names = {p.name for p in JOBS}
-    assert {"quickstart.yaml", "smoke.yaml", "vgg16_imagenet.yaml", "resnet50_imagenet.yaml",
-            "vgg16_7x7_imagenet.yaml"} <= names
+    assert {"quickstart.yaml", "smoke.yaml", "paper_text_vgg16.yaml", "paper_text_resnet50.yaml",
+            "paper_text_vgg16_7x7.yaml", "table1_vgg16.yaml", "table1_resnet50.yaml",
+            "table1_vgg16_7x7.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.stem)

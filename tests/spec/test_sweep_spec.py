@@ -106,6 +106,21 @@ def test_bad_search_spaces(tmp_path, space, where, message):
     assert found[0][1].startswith(message), found[0][1]
 
 
+@pytest.mark.parametrize("metric, message", [
+    ("AD_15.0", "'AD_15.0' is not the name the trials report: write AD_15"),
+    ("IC_015", "'IC_015' is not the name the trials report: write IC_15"),
+    ("AD_0", "'AD_0': the percent kept must be in (0, 100]"),
+    ("AD_150", "'AD_150': the percent kept must be in (0, 100]"),
+])
+def test_the_metric_is_named_as_the_trials_report_it(tmp_path, metric, message):
+    """Tune ranks by the name the trials report (AD_15, IC_2.5): another spelling would
+    never be found."""
+    found = sweep_problems(tmp_path, f"space: {{lr: {{choice: [0.1]}}}}\nmetric: {metric}")
+    assert found == [("sweep.metric", message)]
+    assert sweep_spec(tmp_path, "space: {lr: {choice: [0.1]}}\nmetric: IC_2.5").sweep.metric \
+        == "IC_2.5"
+
+
 def test_every_problem_of_the_section_at_once(tmp_path):
     found = sweep_problems(tmp_path, "backbone: vgg19\nmethod: gradcam\nspace: {lr: {choice: "
                                      "[0]}}\nmetric: AD\nmode: up\nscheduler: {name: hyperband, "
