@@ -33,9 +33,13 @@ def free_port() -> int:
 #: The variables the README tells users to set, the only ones a test may add to a user's
 #: shell (``test_user_commands.test_documented_variables_are_in_the_readme`` checks the README).
 DOCUMENTED = ("HARNESS_CACHE_DIR", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE",
-              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TMPDIR")
+              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TMPDIR",
+              # an object store's credentials (docs/cluster.md), read by pyarrow's S3 client
+              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+              "AWS_EC2_METADATA_DISABLED")
 #: Fault injection for the reliability tests (inert unless set; see their docstrings).
-TEST_HOOKS = ("HARNESS_TEST_KILL_SHARD", "HARNESS_TEST_KILL_TRAIN")
+TEST_HOOKS = ("HARNESS_TEST_KILL_SHARD", "HARNESS_TEST_KILL_TRAIN", "HARNESS_TEST_KILL_NODE",
+              "HARNESS_TEST_FAULT_MARKERS")
 SHELL = ("PATH", "LANG", "LC_ALL", "TZ", "TERM", "USER", "LOGNAME", "SHELL")
 
 

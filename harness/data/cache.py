@@ -35,12 +35,15 @@ def inside_ray_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
-def use_storage(uri: str | os.PathLike | None) -> None:
-    """A local ``storage.uri`` (the spec's; None = keep the default) also holds the cache of
-    this process and of the Ray workers it starts, unless ``HARNESS_CACHE_DIR`` names one: one
-    folder keeps everything on a single machine. A remote storage (``s3://...``) keeps only
-    the results; the cache stays node-local (``harness.data.storage``)."""
-    if uri is not None and "://" not in str(uri) and not os.environ.get(CACHE_ENV):
+def use_storage(uri: str | os.PathLike | None, cache: str | os.PathLike | None = None) -> None:
+    """Set the cache of this process and of the Ray workers it starts: the spec's
+    ``storage.cache`` if given; else ``HARNESS_CACHE_DIR`` if set; else a local
+    ``storage.uri`` (one folder keeps everything on a single machine); else the default. A
+    remote storage (``s3://...``) keeps only the results; the cache stays node-local
+    (``harness.data.storage``)."""
+    if cache is not None:
+        os.environ[CACHE_ENV] = str(Path(cache).expanduser().resolve())
+    elif uri is not None and "://" not in str(uri) and not os.environ.get(CACHE_ENV):
         os.environ[CACHE_ENV] = str(Path(uri).expanduser().resolve())
 
 
@@ -55,7 +58,8 @@ def check_persistent(tracking_uri: str) -> None:
         return
     cwd, missing = Path.cwd().resolve(), []
     if _inside(Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().resolve(), cwd):
-        missing.append(f"storage.uri=/absolute/path/to/cache (or {CACHE_ENV})")
+        missing.append(f"storage.uri=/absolute/folder (results and cache) or storage.cache="
+                       f"/absolute/node-local/folder (or {CACHE_ENV}) with storage.uri=s3://...")
     local_store = tracking_uri.split(":///", 1)[1] if tracking_uri.startswith(
         ("sqlite:///", "file:///")) else (tracking_uri if "://" not in tracking_uri else None)
     if local_store is not None and _inside(Path(local_store).expanduser().resolve(), cwd):

@@ -59,43 +59,61 @@ def _test_fault(config: dict, rank: int, epoch: int, batch: int) -> None:
     """Test-only fault injection (tests/test_reliability.py), inert unless the variable is set.
 
     ``HARNESS_TEST_KILL_TRAIN=<epoch>:<batch>`` SIGKILLs the rank-0 worker process when it
-    reaches that batch of that epoch, once: the marker ``<progress file>.killed`` (atomic
-    create) lets the restarted worker group, and any later fit, train normally. It first waits
-    until the controller has registered the previous epoch's checkpoint (it polls workers
-    every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s): a worker that dies sooner loses that
-    report and the group restarts one checkpoint earlier, which is correct but not this test.
+    reaches that batch of that epoch, once: the marker ``test-faults/<fit>.killed`` in the
+    node's cache (atomic create) lets the restarted worker group, and any later fit, train
+    normally. ``HARNESS_TEST_KILL_NODE=train:<epoch>:<batch>`` instead kills the whole Ray
+    node of any worker not on the head node (``harness.pipeline.shards.kill_this_node``).
+    Both first wait until the controller has registered the previous epoch's checkpoint (it
+    polls workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s): a worker that dies
+    sooner loses that report and the group restarts one checkpoint earlier, which is correct
+    but not this test.
     """
+    from harness.pipeline.shards import kill_this_node
+    if f"train:{epoch}:{batch}" in os.environ.get("HARNESS_TEST_KILL_NODE", "").split(","):
+        _wait_for_checkpoint(epoch)
+        kill_this_node("train")
     target = os.environ.get("HARNESS_TEST_KILL_TRAIN")
-    if not target or rank != 0 or target != f"{epoch}:{batch}" or not config.get("progress_file"):
+    if not target or rank != 0 or target != f"{epoch}:{batch}" or not config.get("fit"):
         return
+    marker = cache_dir() / "test-faults" / f"{config['fit']}.killed"
+    marker.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.close(os.open(f"{config['progress_file']}.killed", os.O_CREAT | os.O_EXCL))
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         return
+    _wait_for_checkpoint(epoch)
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wait_for_checkpoint(epoch: int) -> None:
+    """Test faults: wait (60 s at most) until the controller has the previous epoch's
+    checkpoint (its snapshot, read through the fit's storage filesystem)."""
     import ray.train
-    snapshot = Path(ray.train.get_context().get_storage().experiment_fs_path,
-                    "checkpoint_manager_snapshot.json")
+    storage = ray.train.get_context().get_storage()
+    snapshot = f"{storage.experiment_fs_path}/checkpoint_manager_snapshot.json"
     deadline = time.time() + 60
     while epoch > 0 and time.time() < deadline:
         try:
-            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]
+            with storage.storage_filesystem.open_input_stream(snapshot) as f:
+                latest = json.loads(f.read())["latest_checkpoint_result"]["metrics"]
             if latest["epoch"] >= epoch - 1:
                 break
         except (OSError, ValueError, KeyError, TypeError):
             pass
         time.sleep(0.1)
-    import signal
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _resume(heads, optims, scheds, device) -> int:
+def _resume(trainer: "_Heads", device) -> int:
     """Load the last epoch checkpoint of this fit, if any: the epoch to start from."""
     import ray.train
+    heads, optims, scheds = trainer.heads, trainer.optims, trainer.scheds
     ckpt = ray.train.get_checkpoint()
     if not ckpt:
         return 0
     with ckpt.as_directory() as d:
         state = torch.load(Path(d) / "heads.pt", map_location=device, weights_only=True)
+    trainer.history = list(state.get("history", []))
     for hid in heads:
         getattr(heads[hid], "module", heads[hid]).load_state_dict(state["heads"][hid])
         optims[hid].load_state_dict(state["optims"][hid])
@@ -130,11 +148,24 @@ def _batch_labels(model_labels: torch.Tensor, gt: torch.Tensor) -> dict[str, tor
     return {"model": both[:, 0], "ground_truth": both[:, 1]}
 
 
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank of the fit, in rank order (an all-gather of strings)."""
+    import ray
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [node]
+    nodes: list = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
+
+
 class _Heads:
     """The heads of one worker of a fit, their optimisers and schedulers, and one epoch."""
 
     def __init__(self, group: HeadGroup, backbone, device, world: int):
         self.backbone, self.device, self.world = backbone, device, world
+        self.nodes: list[str] = []            # the Ray node of each rank (rank order)
+        self.history: list[dict] = []         # {"epoch", "heads": {head id: terms}} per epoch
         self.cfgs = {h.method_id: h.config for h in group.heads}
         self.heads, self.optims, self.scheds = {}, {}, {}
         for hid, cfg in self.cfgs.items():
@@ -195,7 +226,7 @@ class _Heads:
         return out
 
     def state(self, epoch: int) -> dict:
-        return {"epoch": epoch,
+        return {"epoch": epoch, "nodes": self.nodes, "history": self.history,
                 "heads": {h: getattr(m, "module", m).state_dict() for h, m in self.heads.items()},
                 "optims": {h: o.state_dict() for h, o in self.optims.items()},
                 "scheds": {h: s.state_dict() for h, s in self.scheds.items()}}
@@ -207,14 +238,16 @@ def _report(config: dict, trainer: _Heads, epoch: int, per_head: dict, rank: int
     import ray.train
     metrics = {f"{hid}/{k}": v for hid, m in per_head.items() for k, v in m.items()}
     metrics["epoch"] = epoch
+    trainer.history.append({"epoch": epoch, "heads": per_head})
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     _log_curves(config, epoch, per_head)
     with tempfile.TemporaryDirectory() as d:
         torch.save(trainer.state(epoch), Path(d) / "heads.pt")
-        if config.get("progress_file"):
-            Path(config["progress_file"]).write_text(json.dumps({"epoch": epoch + 1}))
+        if config.get("progress"):
+            config["storage"].write_bytes(config["progress"],
+                                          json.dumps({"epoch": epoch + 1}).encode())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -248,8 +281,14 @@ def train_loop_per_worker(config: dict) -> None:
         device = ray.train.torch.get_device()
     devices.set_precision(device, group.tf32, group.deterministic)
     backbone = load_backbone(group.backbone, weights=group.weights).to(device)
+    if config.get("weights_id") and backbone.weights_id != config["weights_id"]:
+        from harness.pipeline.shards import InputMismatch
+        raise InputMismatch(f"node {ray.get_runtime_context().get_node_id()} has other weights "
+                            f"for {group.backbone} ({backbone.weights_id}) than the driver "
+                            f"({config['weights_id']}): their builds differ")
     trainer = _Heads(group, backbone, device, world)
-    start = _resume(trainer.heads, trainer.optims, trainer.scheds, device)
+    trainer.nodes = _worker_nodes(world)
+    start = _resume(trainer, device)
     dataset = group.images.build()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                  seed=config["seed"], drop_last=False)
@@ -265,23 +304,31 @@ def train_loop_per_worker(config: dict) -> None:
 
 def fit_heads(group: HeadGroup, *, name: str, seed: int, storage: Storage,
               tracking_uri: str | None = None, run_ids: dict[str, str] | None = None,
-              progress_file: Path | None = None, max_failures: int = 2) -> dict[str, dict]:
-    """Run (or resume) one Ray Train fit of ``group``: {head id: state_dict} of the last epoch.
+              progress: str | None = None, max_failures: int = 2,
+              live_curves: bool = True, weights_id: str | None = None) -> dict[str, Any]:
+    """Run (or resume) one Ray Train fit of ``group``: the last epoch's state, ``{"heads":
+    {head id: state_dict}, "nodes": [Ray node id per rank], "history": [...], "epoch"}``.
 
     ``name`` and ``storage`` identify the fit: the same pair resumes it. ``run_ids``
-    (head id -> MLflow run) receive the training curves; ``progress_file`` the epochs done.
+    (head id -> MLflow run) receive the training curves: from rank 0 as it trains when
+    ``live_curves`` (its node must reach ``tracking_uri``), else from this process after the
+    fit, out of the checkpoint's history. ``progress`` (a path in the storage, which every
+    worker reaches) gets the epochs done;
+    ``weights_id``: the driver's weights, checked on every worker's node.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    config = {"group": group, "seed": seed, "tracking_uri": tracking_uri,
+    config = {"group": group, "seed": seed, "weights_id": weights_id,
+              "tracking_uri": tracking_uri if live_curves else None,
               "run_ids": run_ids or {},
-              "progress_file": str(progress_file) if progress_file else None}
+              "fit": name, "storage": storage, "progress": progress}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=group.workers, use_gpu=group.use_gpu,
-                                     resources_per_worker={"CPU": group.num_threads}),
+                                     resources_per_worker={"CPU": group.num_threads},
+                                     placement_strategy=group.placement.upper()),
         run_config=RunConfig(name=name, **storage.ray_storage(),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -294,7 +341,11 @@ def fit_heads(group: HeadGroup, *, name: str, seed: int, storage: Storage,
     if state["epoch"] + 1 < group.epochs:
         raise RuntimeError(f"head training {name} stopped at epoch {state['epoch'] + 1}/"
                            f"{group.epochs}")
-    return state["heads"]
+    if not live_curves:
+        for entry in state.get("history", []):
+            _log_curves({"tracking_uri": tracking_uri, "run_ids": run_ids}, entry["epoch"],
+                        entry["heads"])
+    return state
 
 
 def head_identity(group: HeadGroup, head: HeadPlan, weights_id: str) -> dict:
@@ -394,8 +445,7 @@ def train_heads(plan: Plan, inputs: Inputs, storage: Storage, tracking_uri: str,
         group = dataclasses.replace(group, heads=tuple(missing))
         paths = {h.method_id: files[f"{group.backbone}/{h.method_id}"] for h in missing}
         name = _fit_name(group, list(paths.values()))
-        progress_file = cache_dir() / "ray_results" / f"{name}.progress.json"
-        progress_file.parent.mkdir(parents=True, exist_ok=True)
+        epochs_done = storage.path("ray_results", f"{name}.progress.json")
         label = f"train heads {group.backbone} ({len(missing)})"
         progress(label, 0, group.epochs)
         with ThreadPoolExecutor(1) as pool:
@@ -403,12 +453,35 @@ def train_heads(plan: Plan, inputs: Inputs, storage: Storage, tracking_uri: str,
                                  tracking_uri=tracking_uri,
                                  run_ids={h.method_id: run_ids[f"{group.backbone}/{h.method_id}"]
                                           for h in missing},
-                                 progress_file=progress_file)
+                                 progress=epochs_done,
+                                 live_curves=curves_reach_tracking(tracking_uri),
+                                 weights_id=inputs.weights_id(group.backbone))
             while not future.done():
-                time.sleep(0.5)
+                time.sleep(0.5 if storage.local else 2.0)
                 with contextlib.suppress(OSError, ValueError, KeyError):
-                    progress(label, json.loads(progress_file.read_text())["epoch"], group.epochs)
-            states = future.result()
+                    progress(label, json.loads(storage.read_bytes(epochs_done))["epoch"],
+                             group.epochs)
+            state = future.result()
         progress(label, group.epochs, group.epochs)
-        write_heads(states, inputs.backbones[group.backbone], group, paths, storage, {"fit": name})
+        write_heads(state["heads"], inputs.backbones[group.backbone], group, paths, storage,
+                    {"fit": name, "train_nodes": state.get("nodes", [])})
+        _tag_train_nodes(tracking_uri, [run_ids[f"{group.backbone}/{h.method_id}"]
+                                        for h in missing], state.get("nodes", []))
     return files
+
+
+def _tag_train_nodes(tracking_uri: str, run_ids: list[str], nodes: list[str]) -> None:
+    """Tag ``train_nodes``: the Ray node ids of the fit's workers (rank order)."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri)
+    for run_id in run_ids:
+        client.set_tag(run_id, "train_nodes", ",".join(nodes))
+
+
+def curves_reach_tracking(tracking_uri: str) -> bool:
+    """Whether the training workers can log their curves as they train: the store is a
+    server, or Ray has a single node (a file store is only on the driver's node)."""
+    if tracking_uri.startswith(("http://", "https://", "databricks")):
+        return True
+    import ray
+    return sum(1 for n in ray.nodes() if n.get("Alive")) <= 1

@@ -108,6 +108,7 @@ class HeadGroup:
     heads: tuple[HeadPlan, ...]
     tf32: bool = False                  # TF32 on CUDA (off: float32)
     deterministic: bool = False         # deterministic algorithms (GPU: see heads.py)
+    placement: str = "pack"             # Ray Train's placement of the workers: pack | spread
 
     @property
     def epochs(self) -> int:
@@ -261,15 +262,17 @@ def _head_groups(spec, cells: list[Cell]) -> tuple[HeadGroup, ...]:
             continue
         t = spec.train_for(spec.backbone(cell.backbone), spec.method(cell.method_id))
         key = (cell.backbone, t.batch_size, t.workers, bool(t.use_gpu), t.tf32,
-               t.deterministic)
+               t.deterministic, t.placement)
         groups.setdefault(key, []).append(cell.head)
     weights = {b.name: b.weights for b in spec.backbones}
     return tuple(HeadGroup(backbone=name, weights=weights[name],
                            images=image_set(spec, name, train=True), batch_size=batch,
                            workers=workers, use_gpu=gpu,
                            num_threads=max(1, int(spec.sharding.cpus_per_task)),
-                           heads=tuple(heads), tf32=tf32, deterministic=deterministic)
-                 for (name, batch, workers, gpu, tf32, deterministic), heads in groups.items())
+                           heads=tuple(heads), tf32=tf32, deterministic=deterministic,
+                           placement=placement)
+                 for (name, batch, workers, gpu, tf32, deterministic, placement), heads
+                 in groups.items())
 
 
 def statistics_settings(spec) -> StatisticsSettings:

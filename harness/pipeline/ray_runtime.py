@@ -67,10 +67,32 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     runtime_env = dict(runtime_env or {})
     if env_vars:                         # the harness's variables win over the spec's
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env_vars}
-    runtime_env = runtime_env or None
+    runtime_env = _beside_the_jobs(runtime_env) or None
     target = cluster_address(address)
     if target:
         ray.init(address=target, log_to_driver=False, runtime_env=runtime_env)
         return
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env=runtime_env)
+
+
+def _beside_the_jobs(runtime_env: dict) -> dict:
+    """Inside a Ray job, ``runtime_env`` without what the job's own runtime env (``ray job
+    submit --runtime-env-json``) already gives every worker: Ray refuses a driver's
+    runtime env that repeats a job's field or variable. Variables with the same value are
+    dropped; where the spec or the harness asks for something else (another value, a
+    ``pip`` list of its own), theirs win (``RAY_OVERRIDE_JOB_RUNTIME_ENV``)."""
+    import json
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get(
+        "runtime_env") or {}
+    if not job:
+        return runtime_env
+    job_vars = job.get("env_vars") or {}
+    env_vars = {k: v for k, v in (runtime_env.get("env_vars") or {}).items()
+                if job_vars.get(k) != v}
+    out = {k: v for k, v in runtime_env.items() if k != "env_vars"}
+    if env_vars:
+        out["env_vars"] = env_vars
+    if set(env_vars) & set(job_vars) or (set(out) - {"env_vars"}) & set(job):
+        os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    return out

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness.data.cache import cache_dir, check_persistent, use_storage, write_text_atomic
 from harness.data.storage import Storage
-from harness.pipeline import ray_runtime, resources
+from harness.pipeline import cluster, ray_runtime, resources
 from harness.pipeline.evaluation import evaluate, shard_jobs
 from harness.pipeline.heads import head_files, head_refs, missing_heads, train_heads
 from harness.pipeline.inputs import load_backbones, prepare_data
@@ -53,7 +53,7 @@ class RunResult:
 def prepare_locations(spec) -> tuple[str, Storage]:
     """Apply the spec's storage, refuse temporary locations under a Ray job: the MLflow URI
     and the results storage (``storage.uri``, else the cache folder)."""
-    use_storage(spec.storage.uri)
+    use_storage(spec.storage.uri, spec.storage.cache)
     uri = spec.tracking.uri or tracking_uri()
     check_persistent(uri)
     return uri, Storage(spec.storage.uri or cache_dir())
@@ -117,6 +117,8 @@ def run_benchmark(spec, console: Console | None = None) -> RunResult:
         with clock("ray"):
             init_ray(spec)
             resources.check(resources.demands(plan))
+            cluster.check_nodes(cluster.data_roots(plan), storage, trains=missing_heads(
+                plan, head_files(plan, inputs, storage), storage))
     tracker = Tracker(plan.experiment, uri)
     spec_file = _save_spec(spec, root)
     tags = common_tags(plan, spec.tracking.tags)

@@ -28,7 +28,7 @@ import yaml
 
 from harness.errors import UserError
 from harness.data.cache import cache_dir, write_text_atomic
-from harness.pipeline import devices, resources
+from harness.pipeline import cluster, devices, resources
 from harness.pipeline.heads import loader_options
 from harness.data.storage import Storage
 from harness.pipeline.plan import ImageSet, image_set, train_config
@@ -277,6 +277,7 @@ def run_sweep(spec, resume: bool = False, console=None) -> dict:
     init_ray(spec)                               # refuse what can never run before recording
     resources.check([resources.Demand("each Tune trial", "sweep.cpus_per_trial/gpus_per_trial",
                                       sweep.cpus_per_trial, sweep.gpus_per_trial)])
+    cluster.check_nodes((base.images.root,) if base.images.root else (), storage, trains=True)
     tracker = Tracker(spec.tracking.experiment or spec.name, uri)
     parent = tracker.parent_run(f"sweep {spec.name}", spec.fingerprint(), {
         "git_commit": git_commit(), **package_versions(), "harness_kind": "sweep",

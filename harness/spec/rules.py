@@ -88,9 +88,18 @@ def check_list_file(path: Path, report: Report, show: int = 5) -> None:
 
 
 def check_storage(storage: StorageSection, report: Report) -> StorageSection:
-    if storage.uri is None or "://" in storage.uri:          # None, or s3://, gs://, ...
-        return storage
-    return storage.model_copy(update={"uri": str(report.path(("storage", "uri"), storage.uri))})
+    """Local paths resolved like every path of the spec; URIs (s3://, gs://) kept as written;
+    the cache is a folder on each node, never a URI."""
+    update = {}
+    if storage.uri is not None and "://" not in storage.uri:
+        update["uri"] = str(report.path(("storage", "uri"), storage.uri))
+    if storage.cache is not None:
+        if "://" in storage.cache:
+            report.add(("storage", "cache"), f"{storage.cache!r} is a URI: the cache is a "
+                       "folder on each node's own disk (results go to storage.uri)")
+        else:
+            update["cache"] = str(report.path(("storage", "cache"), storage.cache))
+    return storage.model_copy(update=update) if update else storage
 
 
 def check_gpu(raw: dict, train: TrainSection, sharding: ShardingSection, ray: RaySection,

@@ -34,7 +34,7 @@ ALIASES = {"metrics": "evaluation", "dataset": "data", "eval": "evaluation",
 # section -> its later keys (None: the whole section is later).
 LATER_KEYS = {"evaluation": ("metrics", "causal_steps", "causal_canvas", "causal_batch_size",
                              "tf32", "deterministic"),
-              "train": ("tf32", "deterministic", "lr_decay_epochs"),
+              "train": ("tf32", "deterministic", "lr_decay_epochs", "placement"),
               "sharding": ("stall_timeout_s",),
               "statistics": None}
 

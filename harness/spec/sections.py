@@ -81,6 +81,8 @@ class TrainSection(Section):
     labels: Literal["model", "ground_truth"] = Field(
         "model", description="train on the backbone's top-1, or on the true labels")
     workers: Int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    placement: Literal["pack", "spread"] = Field("pack", description=(
+        "pack: workers on as few nodes as fit; spread: on different nodes where possible"))
     use_gpu: Bool = Field(False, description="one GPU per worker")
     tf32: Bool = Field(False, description="TF32 matmuls/convolutions on GPU (off: float32)")
     deterministic: Bool = Field(False, description=(
@@ -284,7 +286,10 @@ class StorageSection(Section):
 
     uri: Str | None = Field(None, description=(
         "a folder, or a URI pyarrow reads (s3://bucket/prefix, gs://...); default: the cache "
-        "folder (HARNESS_CACHE_DIR, else ./.harness-cache)"))
+        "folder"))
+    cache: Str | None = Field(None, description=(
+        "node-local folder for generated inputs (the same path on every node); default: "
+        "HARNESS_CACHE_DIR, else a local storage.uri, else ./.harness-cache"))
 
 
 #: Ray's runtime_env fields (ray.runtime_env.RuntimeEnv), the keys ray.runtime_env accepts.

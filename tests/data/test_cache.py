@@ -66,3 +66,5 @@ def test_a_local_storage_holds_the_cache_unless_one_is_named(tmp_path, monkeypat
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "env"))
     use_storage(tmp_path / "other")                     # a named cache wins
     assert cache_dir() == tmp_path / "env"
+    use_storage("s3://bucket/results", tmp_path / "spec-cache")  # the spec's cache wins
+    assert cache_dir() == tmp_path / "spec-cache"

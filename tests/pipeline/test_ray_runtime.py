@@ -5,6 +5,7 @@ the order of imports and environment variables in a new process.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -43,3 +44,23 @@ def test_ray_imported_first_is_caught_before_a_local_ray_starts():
     proc = python("import ray; from harness.pipeline.ray_runtime import prepare_environment; "
                   "prepare_environment(None)")
     assert proc.returncode != 0 and "imported before" in proc.stderr
+
+
+def test_inside_a_job_the_jobs_own_runtime_env_is_not_repeated(monkeypatch):
+    """``ray job submit --runtime-env-json '{"env_vars": ...}'``: Ray refuses a driver's
+    runtime env that repeats the job's variables; the same values are dropped (the job gives
+    them to every worker), other values and fields win with Ray's override switch."""
+    import json
+
+    from harness.pipeline.ray_runtime import _beside_the_jobs
+    monkeypatch.setenv("RAY_OVERRIDE_JOB_RUNTIME_ENV", "0")     # restored after the test
+    monkeypatch.delenv("RAY_OVERRIDE_JOB_RUNTIME_ENV")
+    assert _beside_the_jobs({"env_vars": {"A": "1"}}) == {"env_vars": {"A": "1"}}  # not a job
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {
+        "working_dir": "gcs://_ray_pkg_x.zip", "env_vars": {"A": "1", "B": "2"}}}))
+    assert _beside_the_jobs({"env_vars": {"A": "1", "C": "3"}}) == {"env_vars": {"C": "3"}}
+    assert "RAY_OVERRIDE_JOB_RUNTIME_ENV" not in os.environ
+    assert _beside_the_jobs({"env_vars": {"A": "1"}, "pip": ["x"]}) == {"pip": ["x"]}
+    assert "RAY_OVERRIDE_JOB_RUNTIME_ENV" not in os.environ       # no field of the job's
+    assert _beside_the_jobs({"env_vars": {"B": "9"}}) == {"env_vars": {"B": "9"}}
+    assert os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"       # ours wins

@@ -40,8 +40,8 @@ DOCUMENTED = {   # the defaults README's spec reference documents (and the harne
     "train": {"epochs": 7, "batch_size": 64, "lr": 1e-4, "lr_decay": 0.75,
               "lr_decay_epochs": None, "lambda1": 0.01,
               "lambda2": 2.0, "lambda3": 1.5, "lambda4": 0.3, "variant": "paper",
-              "labels": "model", "workers": 1, "use_gpu": False, "tf32": False,
-              "deterministic": False},
+              "labels": "model", "workers": 1, "placement": "pack", "use_gpu": False,
+              "tf32": False, "deterministic": False},
     "data": {"kind": "quickstart", "root": None, "list_file": None, "random_count": None,
              "limit": None, "train_limit": None, "on_bad_image": "stop"},
     "evaluation": {"keep_fractions": [1.0, 0.5, 0.15], "batch_size": 16, "preset": "paper",
@@ -53,7 +53,7 @@ DOCUMENTED = {   # the defaults README's spec reference documents (and the harne
     "sharding": {"images_per_task": 50, "cpus_per_task": 1.0, "gpus_per_task": 0.0,
                  "max_retries": 3, "stall_timeout_s": 21600.0},
     "tracking": {"experiment": "spec", "uri": None, "tags": {}},
-    "storage": {"uri": None},
+    "storage": {"uri": None, "cache": None},
     "ray": {"address": None, "num_cpus": None, "runtime_env": {}},
 }
 
