@@ -290,3 +290,33 @@ def test_a_local_storage_that_a_node_cannot_see_is_refused_before_training(setup
     assert job.returncode != 0, out[-3000:]
     assert "cannot read storage.uri" in out and "s3://bucket/prefix" in out, out[-3000:]
     assert not list(folder.glob("heads/**/*.pt"))
+
+
+def test_the_second_node_built_the_same_inputs_byte_for_byte(setup, two_nodes):
+    """The second node built the quickstart data and tiny_vgg on its own disk, not seeing the
+    head's: every image file has the head's SHA-256 (quickstart.json differs only in its
+    timing), and the weights' tensors hash the same (``backbones.embedded.state_hash``:
+    names, dtypes, shapes and bytes; a ``torch.save`` file's own bytes vary between saves)."""
+    import hashlib
+
+    import torch
+
+    from backbones.embedded import state_hash
+    head, node = setup["cluster"].cache.resolve(), setup["cluster"].node_disk
+
+    def digests(root: Path) -> dict[str, str]:
+        base = root / "quickstart-v1"
+        return {str(p.relative_to(base)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in base.rglob("*") if p.is_file() and p.name != "quickstart.json"}
+
+    mine, theirs = digests(head), digests(node)
+    assert len(mine) == 9004 and mine == theirs
+    meta = [json.loads((r / "quickstart-v1" / "quickstart.json").read_text())
+            for r in (head, node)]
+    assert {k: v for k, v in meta[0].items() if k != "generation_seconds"} == \
+        {k: v for k, v in meta[1].items() if k != "generation_seconds"}
+    weights = [torch.load(r / "backbones" / "tiny_vgg-v1.pt", map_location="cpu",
+                          weights_only=True) for r in (head, node)]
+    states = [w.get("state_dict", w) if isinstance(w, dict) else w for w in weights]
+    assert state_hash(states[0]) == state_hash(states[1]) == json.loads(
+        (node / "backbones" / "tiny_vgg-v1.json").read_text())["weights_hash"]
