@@ -152,8 +152,9 @@ def memory_check(n: int, tmp: Path) -> dict[str, Any]:
     env = dict(os.environ, HARNESS_CACHE_DIR=str(tmp / "cache"),
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
     start = time.perf_counter()
+    log = open(tmp / "memory-run.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "harness", "run", str(spec)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     driver, workers = 0, 0
     top = psutil.Process(proc.pid)
     while proc.poll() is None:
@@ -165,7 +166,9 @@ def memory_check(n: int, tmp: Path) -> dict[str, Any]:
         except psutil.Error:
             pass
         time.sleep(0.5)
+    log.close()
     if proc.returncode != 0:
-        raise RuntimeError(f"the memory run failed: {proc.stderr.read()[-2000:]}")
+        raise RuntimeError(f"the memory run failed (exit {proc.returncode}): "
+                           f"{(tmp / 'memory-run.log').read_text()[-2000:]}")
     return {"images": n, "seconds": time.perf_counter() - start,
             "driver_peak_mib": driver / 2**20, "worker_peak_mib": workers / 2**20}
