@@ -12,7 +12,20 @@ import argparse
 import json
 import math
 
+import pytest
+
 from harness.bench import driver as bench
+
+
+@pytest.fixture(autouse=True)
+def _ray_environment(monkeypatch):
+    """The evaluation part runs a shard in this process, which may import ``ray``: with the
+    harness's Ray environment set first (as ``prepare_environment`` does), so that ray, once
+    imported here, is the loopback-only one that later in-process tests (``harness.cli``
+    ``run``) expect, whichever test imports it first."""
+    from harness.pipeline import ray_runtime
+    for key, value in {**ray_runtime.QUIET, **ray_runtime.LOOPBACK_ONLY}.items():
+        monkeypatch.setenv(key, value)
 
 
 def _args(tmp_path, **over) -> argparse.Namespace:
