@@ -16,19 +16,19 @@ import dataclasses
 import hashlib
 import sys
 import json
-import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from harness.data.cache import cache_dir, stable_hash
+from harness.data.cache import stable_hash
 from harness.data.storage import Storage
 from harness.pipeline import devices
 from harness.pipeline.inputs import Inputs
+from harness.pipeline.faults import train_fault
 from harness.pipeline.plan import HeadGroup, HeadPlan, Plan
 from harness.pipeline.shards import HeadRef
 from methods.lcam import AttentionHead
@@ -53,55 +53,6 @@ def _log_curves(config: dict, epoch: int, per_head: dict[str, dict]) -> None:
                     Metric(f"train_{k}", float(v), now, epoch) for k, v in metrics.items()])
     except Exception as err:  # curves are a convenience: never fail training for them
         print(f"warning: could not log training curves to MLflow: {err}")
-
-
-def _test_fault(config: dict, rank: int, epoch: int, batch: int) -> None:
-    """Test-only fault injection (tests/test_reliability.py), inert unless the variable is set.
-
-    ``HARNESS_TEST_KILL_TRAIN=<epoch>:<batch>`` SIGKILLs the rank-0 worker process when it
-    reaches that batch of that epoch, once: the marker ``test-faults/<fit>.killed`` in the
-    node's cache (atomic create) lets the restarted worker group, and any later fit, train
-    normally. ``HARNESS_TEST_KILL_NODE=train:<epoch>:<batch>`` instead kills the whole Ray
-    node of any worker not on the head node (``harness.pipeline.shards.kill_this_node``).
-    Both first wait until the controller has registered the previous epoch's checkpoint (it
-    polls workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s): a worker that dies
-    sooner loses that report and the group restarts one checkpoint earlier, which is correct
-    but not this test.
-    """
-    from harness.pipeline.shards import kill_this_node
-    if f"train:{epoch}:{batch}" in os.environ.get("HARNESS_TEST_KILL_NODE", "").split(","):
-        _wait_for_checkpoint(epoch)
-        kill_this_node("train")
-    target = os.environ.get("HARNESS_TEST_KILL_TRAIN")
-    if not target or rank != 0 or target != f"{epoch}:{batch}" or not config.get("fit"):
-        return
-    marker = cache_dir() / "test-faults" / f"{config['fit']}.killed"
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return
-    _wait_for_checkpoint(epoch)
-    import signal
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _wait_for_checkpoint(epoch: int) -> None:
-    """Test faults: wait (60 s at most) until the controller has the previous epoch's
-    checkpoint (its snapshot, read through the fit's storage filesystem)."""
-    import ray.train
-    storage = ray.train.get_context().get_storage()
-    snapshot = f"{storage.experiment_fs_path}/checkpoint_manager_snapshot.json"
-    deadline = time.time() + 60
-    while epoch > 0 and time.time() < deadline:
-        try:
-            with storage.storage_filesystem.open_input_stream(snapshot) as f:
-                latest = json.loads(f.read())["latest_checkpoint_result"]["metrics"]
-            if latest["epoch"] >= epoch - 1:
-                break
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        time.sleep(0.1)
 
 
 def _resume(trainer: "_Heads", device) -> int:
@@ -298,7 +249,7 @@ def train_loop_per_worker(config: dict) -> None:
         sampler.set_epoch(epoch)
         seed_epoch(config["seed"], epoch)      # the sampler's shuffle is seeded by set_epoch
         per_head = trainer.train_epoch(
-            loader, epoch, lambda step, e=epoch: _test_fault(config, rank, e, step))
+            loader, epoch, lambda step, e=epoch: train_fault(config, rank, e, step))
         _report(config, trainer, epoch, per_head, rank)
 
 
@@ -434,40 +385,64 @@ def _fit_name(group: HeadGroup, files: list[str]) -> str:
 def train_heads(plan: Plan, inputs: Inputs, storage: Storage, tracking_uri: str,
                 run_ids: dict[str, str], progress) -> dict[str, str]:
     """Train every head not in the storage (one Ray Train fit per group, resumable: its
-    checkpoints are in the storage too); returns ``head_files``. ``progress(label, done,
-    total)`` follows the epochs of each fit."""
+    checkpoints are in the storage too); returns ``head_files``. The fits of different
+    backbones run at the same time (Ray places their workers as resources allow), and each
+    group's heads are written as soon as its fit ends. ``progress(label, done, total)``
+    follows the epochs of each fit."""
     files = head_files(plan, inputs, storage)
+    fits = []
     for group in plan.head_groups:
         missing = [h for h in group.heads
                    if not storage.exists(files[f"{group.backbone}/{h.method_id}"])]
-        if not missing:
-            continue
-        group = dataclasses.replace(group, heads=tuple(missing))
-        paths = {h.method_id: files[f"{group.backbone}/{h.method_id}"] for h in missing}
-        name = _fit_name(group, list(paths.values()))
-        epochs_done = storage.path("ray_results", f"{name}.progress.json")
-        label = f"train heads {group.backbone} ({len(missing)})"
-        progress(label, 0, group.epochs)
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(fit_heads, group, name=name, seed=plan.seed, storage=storage,
-                                 tracking_uri=tracking_uri,
-                                 run_ids={h.method_id: run_ids[f"{group.backbone}/{h.method_id}"]
-                                          for h in missing},
-                                 progress=epochs_done,
-                                 live_curves=curves_reach_tracking(tracking_uri),
-                                 weights_id=inputs.weights_id(group.backbone))
-            while not future.done():
-                time.sleep(0.5 if storage.local else 2.0)
+        if missing:
+            group = dataclasses.replace(group, heads=tuple(missing))
+            paths = {h.method_id: files[f"{group.backbone}/{h.method_id}"] for h in missing}
+            fits.append(_Fit(group, paths, _fit_name(group, list(paths.values()))))
+    if not fits:
+        return files
+    for fit in fits:
+        progress(fit.label, 0, fit.group.epochs)
+    with ThreadPoolExecutor(len(fits)) as pool:
+        running = {pool.submit(
+            fit_heads, fit.group, name=fit.name, seed=plan.seed, storage=storage,
+            tracking_uri=tracking_uri, run_ids={hid: run_ids[fit.run_key(hid)] for hid in fit.paths},
+            progress=fit.epochs_done(storage), live_curves=curves_reach_tracking(tracking_uri),
+            weights_id=inputs.weights_id(fit.group.backbone)): fit for fit in fits}
+        while running:
+            done, _ = wait(running, timeout=0.5 if storage.local else 2.0)
+            for future in done:                       # written before any other fit ends
+                fit = running.pop(future)
+                state = future.result()
+                progress(fit.label, fit.group.epochs, fit.group.epochs)
+                write_heads(state["heads"], inputs.backbones[fit.group.backbone], fit.group,
+                            fit.paths, storage, {"fit": fit.name,
+                                                 "train_nodes": state.get("nodes", [])})
+                _tag_train_nodes(tracking_uri, [run_ids[fit.run_key(h)] for h in fit.paths],
+                                 state.get("nodes", []))
+            for fit in running.values():
                 with contextlib.suppress(OSError, ValueError, KeyError):
-                    progress(label, json.loads(storage.read_bytes(epochs_done))["epoch"],
-                             group.epochs)
-            state = future.result()
-        progress(label, group.epochs, group.epochs)
-        write_heads(state["heads"], inputs.backbones[group.backbone], group, paths, storage,
-                    {"fit": name, "train_nodes": state.get("nodes", [])})
-        _tag_train_nodes(tracking_uri, [run_ids[f"{group.backbone}/{h.method_id}"]
-                                        for h in missing], state.get("nodes", []))
+                    progress(fit.label, json.loads(storage.read_bytes(
+                        fit.epochs_done(storage)))["epoch"], fit.group.epochs)
     return files
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fit:
+    """One head group to train: its missing heads' storage paths and the fit's name."""
+
+    group: HeadGroup
+    paths: dict[str, str]                  # head id -> storage path of its file
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"train heads {self.group.backbone} ({len(self.paths)})"
+
+    def run_key(self, head_id: str) -> str:
+        return f"{self.group.backbone}/{head_id}"
+
+    def epochs_done(self, storage: Storage) -> str:
+        return storage.path("ray_results", f"{self.name}.progress.json")
 
 
 def _tag_train_nodes(tracking_uri: str, run_ids: list[str], nodes: list[str]) -> None:

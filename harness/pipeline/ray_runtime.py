@@ -30,7 +30,12 @@ import sys
 
 QUIET = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
          "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+         # Ray Train's controller polls its workers every 2 s by default: each report, the
+         # end of a fit and a lost worker wait for that poll. A head fit is small (a 1x1 conv
+         # on frozen features), so 0.5 s takes ~3.5 s off each fit of the quickstart (18.5 ->
+         # 15.0 s, tiny_vgg, one epoch) for four cheap polls a second. A user's value wins.
+         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 

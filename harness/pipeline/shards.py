@@ -40,6 +40,7 @@ from harness.metrics import causal, localisation
 from harness.metrics.aggregate import columns
 from harness.metrics.protocol import Evaluator
 from harness.pipeline import devices
+from harness.pipeline.faults import shard_fault
 from harness.pipeline.plan import Cell, EvaluationPlan, ImageSet
 
 ROWS_VERSION = 2   # bumped whenever the rows a shard writes change (then shards are redone)
@@ -249,57 +250,10 @@ def _concat_scores(parts):
                                          for k in ("targets", "y", "o", "degenerate")})
 
 
-def kill_this_node(what: str) -> None:
-    """Test-only (``HARNESS_TEST_KILL_NODE``): lose this Ray node, as a machine that goes
-    away, unless it is the head node: SIGKILL its raylet (the parent of every worker), whose
-    workers then die with it. Once per ``what`` when ``HARNESS_TEST_FAULT_MARKERS`` names a
-    folder every node sees (the marker ``node-killed-<what>``, created atomically)."""
-    import signal
-
-    import ray
-    me = ray.get_runtime_context().get_node_id()
-    if any(n["NodeID"] == me and "node:__internal_head__" in n.get("Resources", {})
-           for n in ray.nodes()):
-        return
-    markers = os.environ.get("HARNESS_TEST_FAULT_MARKERS")
-    if markers:
-        try:
-            os.close(os.open(Path(markers) / f"node-killed-{what}", os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            return
-    os.kill(os.getppid(), signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _test_fault(job: ShardJob) -> None:
-    """Test-only fault injection (tests/e2e/test_reliability.py, tests/e2e/test_two_nodes.py),
-    inert unless a variable is set.
-
-    ``HARNESS_TEST_KILL_SHARD=<method_id>:<shard>`` SIGKILLs the worker process running that
-    shard, once: the marker file in the node's cache (atomic create) makes the retry, and
-    any later run on the same cache, compute it normally. ``HARNESS_TEST_KILL_NODE`` holding
-    ``shard`` kills the node of the first shard that starts on a node other than the head
-    (``kill_this_node``).
-    """
-    if "shard" in os.environ.get("HARNESS_TEST_KILL_NODE", "").split(","):
-        kill_this_node("shard")
-    target = os.environ.get("HARNESS_TEST_KILL_SHARD")
-    if not target or target != f"{job.cell.method_id}:{job.shard}":
-        return
-    marker = cache_dir() / "test-faults" / f"killed-{job.cell.key.replace('/', '-')}-{job.shard}"
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return
-    import signal
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def run_shard(job: ShardJob) -> dict:
     """Evaluate one shard: ``{"rows": pyarrow table, "maps": bytes | None, "summary": {stage
     seconds, device, process, node}}`` (the driver writes them to the storage)."""
-    _test_fault(job)
+    shard_fault(job.cell.method_id, job.cell.key, job.shard)
     ev = job.evaluation
     torch.manual_seed(job.seed + job.shard)
     device, backbone, explainer = _prepare(job)
