@@ -29,6 +29,16 @@ def counts(spec) -> str:
     return text
 
 
+def locations(spec) -> str:
+    """Where a run of this spec would write: results, node-local cache, MLflow store."""
+    from harness.data.cache import planned_cache
+    from harness.results.tracking import tracking_uri
+    cache = planned_cache(spec.storage.uri, spec.storage.cache)
+    results = spec.storage.uri if spec.storage.uri and "://" in spec.storage.uri else cache
+    return (f"results: {results}; node cache: {cache}; "
+            f"MLflow: {spec.tracking.uri or tracking_uri()}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("targets", nargs="+", metavar="SPEC|key=value",
                         help="spec files, then overrides such as train.epochs=2")
@@ -53,6 +63,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{path}: OK ({counts(spec)})", flush=True)
         for line in describe(plan(spec)):
             print(f"  {line}")
+        print(f"  {locations(spec)}")
         if args.show:
             import yaml
             print(f"# fingerprint {spec.fingerprint()}")

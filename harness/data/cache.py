@@ -41,10 +41,18 @@ def use_storage(uri: str | os.PathLike | None, cache: str | os.PathLike | None =
     ``storage.uri`` (one folder keeps everything on a single machine); else the default. A
     remote storage (``s3://...``) keeps only the results; the cache stays node-local
     (``harness.data.storage``)."""
+    if cache is not None or (uri is not None and "://" not in str(uri)
+                             and not os.environ.get(CACHE_ENV)):
+        os.environ[CACHE_ENV] = str(planned_cache(uri, cache))
+
+
+def planned_cache(uri: str | os.PathLike | None, cache: str | os.PathLike | None = None) -> Path:
+    """The cache folder ``use_storage(uri, cache)`` would choose, without choosing it."""
     if cache is not None:
-        os.environ[CACHE_ENV] = str(Path(cache).expanduser().resolve())
-    elif uri is not None and "://" not in str(uri) and not os.environ.get(CACHE_ENV):
-        os.environ[CACHE_ENV] = str(Path(uri).expanduser().resolve())
+        return Path(cache).expanduser().resolve()
+    if uri is not None and "://" not in str(uri) and not os.environ.get(CACHE_ENV):
+        return Path(uri).expanduser().resolve()
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().resolve()
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -322,5 +322,6 @@ def describe(p: Plan) -> list[str]:
     for g in p.head_groups:
         lines.append(f"heads {g.backbone}: {len(g.heads)} trained together, {g.epochs} epoch(s), "
                      f"batch {g.batch_size}, {g.workers} worker(s){' on GPU' if g.use_gpu else ''}"
+                     f"{f' ({g.placement})' if g.workers > 1 else ''}"
                      f", images: {g.images.expected_count() or 'all'} ({g.images.split})")
     return lines

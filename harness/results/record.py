@@ -35,6 +35,15 @@ def common_tags(plan: Plan, extra: dict) -> dict[str, str]:
             **package_versions(), **{str(k): str(v) for k, v in extra.items()}}
 
 
+def origin_tags(cell) -> dict[str, str]:
+    """Where the cell's method and backbone come from: 'built-in', or the plugin (its
+    distribution and version, or the class reference), as ``harness ls`` shows them."""
+    import backbones
+    import methods
+    return {"method_origin": methods.REGISTRY.get(cell.method).origin,
+            "backbone_origin": backbones.REGISTRY.get(cell.backbone).origin}
+
+
 def open_runs(plan: Plan, inputs: Inputs, tracker: Tracker, parent_id: str,
               tags: dict[str, str]) -> dict[str, str]:
     """One child run per cell under ``parent_id``: cell key -> run id."""
@@ -46,7 +55,7 @@ def open_runs(plan: Plan, inputs: Inputs, tracker: Tracker, parent_id: str,
             "method_id": cell.method_id, "display_name": cell.display_name,
             "variant": cell.variant, "weights_id": bb.weights_id,
             "feature_layer": bb.feature_layer,
-            "eval_list_hash": inputs.datasets[cell.backbone].list_hash})
+            "eval_list_hash": inputs.datasets[cell.backbone].list_hash, **origin_tags(cell)})
         tracker.log(runs[cell.key], params={
             "backbone": cell.backbone, "weights": bb.weights_id, "seed": plan.seed,
             "fractions": list(ev.fractions), "preset": json.dumps(ev.preset.as_dict())})
