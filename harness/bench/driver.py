@@ -257,7 +257,9 @@ def _pipeline(args: argparse.Namespace, console) -> int:
     if "memory" in results:
         m = results["memory"]
         console.print(f"{m['images']} images in {m['seconds']:.0f} s: driver peak "
-                      f"{m['driver_peak_mib']:.0f} MiB, worker peak {m['worker_peak_mib']:.0f} MiB")
+                      f"{m['driver_peak_mib']:.0f} MiB ({m['driver_anon_peak_mib']:.0f} "
+                      f"anonymous), worker peak {m['worker_peak_mib']:.0f} MiB "
+                      f"({m['worker_anon_peak_mib']:.0f} anonymous)")
         return 0
     table = Table(title=f"whole evaluation vs explain + 3 masked forwards ({args.device}, "
                         f"batch {args.batch}, {args.threads} threads)")

@@ -8,6 +8,7 @@ benchmark itself (see harness/bench.py), not by the test suite.
 """
 from __future__ import annotations
 
+import os
 import argparse
 import json
 import math
@@ -76,3 +77,41 @@ def test_bench_tiny_run_writes_every_method(tmp_path, capsys):
 def test_bench_rejects_unknown_method(tmp_path, capsys):
     assert bench.main(_args(tmp_path, methods=["score-cam"])) == 2
     assert "score-cam" in capsys.readouterr().err
+
+
+MEMORY_PROBE = """
+import json, mmap, os, sys
+from harness.bench.pipeline import _peak
+def peak():
+    out = {"rss": 0, "anon": 0}
+    _peak(out, os.getpid())
+    return out
+path = sys.argv[1]
+with open(path, "wb") as f:
+    for _ in range(64):
+        f.write(os.urandom(2**20))
+before = peak()
+with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+    sum(mapped[i] for i in range(0, len(mapped), 4096))             # touch every page
+    mapped_peak = peak()
+held = bytearray(os.urandom(64 * 2**20))
+print(json.dumps({"before": before, "mapped": mapped_peak, "allocated": peak()}))
+"""
+
+
+def test_memory_peaks_split_anonymous_from_mapped_file_pages(tmp_path):
+    """The memory check's sampler, in a fresh process: a file mapped and read raises the
+    resident size but not its anonymous part (the prepared images are memory-mapped: their
+    pages are the kernel's to share and reclaim); an allocation raises both."""
+    import json
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "pages.bin")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    before, mapped, allocated = got["before"], got["mapped"], got["allocated"]
+    assert 0 < before["anon"] <= before["rss"]
+    assert mapped["rss"] - before["rss"] > 48 * 2**20
+    assert mapped["anon"] - before["anon"] < 16 * 2**20
+    assert allocated["anon"] - mapped["anon"] > 48 * 2**20
