@@ -7,6 +7,8 @@ Everything runs on CPU with tiny inputs and random-init weights (never a downloa
   head is global average pooling + a linear layer, so gradients have a closed form; channel
   4 is always 0 and channel 5 always 0.5 after the ReLU (constant channels).
 - ``make_images(b, h, w, seed)``: reproducible images in [0, 1].
+- ``smoke_project`` (end-to-end modules): a copy of the project after a user's
+  ``python -m harness run jobs/smoke.yaml``, made once per session.
 Threads are set to 2 and float32 denormals are flushed to zero (see below).
 """
 from __future__ import annotations
@@ -144,3 +146,33 @@ def helpers():
         tiny = staticmethod(build_tiny_backbone)
 
     return H
+
+
+@pytest.fixture(scope="session")
+def smoke_project(tmp_path_factory) -> dict:
+    """One user's smoke run, made once per session for the end-to-end modules: a fresh copy
+    of the project (``services.workspace``) in which a user's plain shell
+    (``services.user_env``, a fresh HOME) ran ``python -m harness run jobs/smoke.yaml`` as the
+    README shows it, with the default cache and MLflow store. The user session of
+    ``e2e/test_user_commands.py`` goes on in it (its tests check this run), and
+    ``e2e/test_readme_cluster.py`` gives its cluster job's copy the heads this run trained,
+    so that the same 8 heads of the same spec train once per session, not twice (training
+    heads in a ``ray job submit`` job is ``e2e/test_two_nodes.py``'s).
+
+    {"root": the copy, "home": its user's HOME, "proc": the run's CompletedProcess, "heads":
+    the head files it trained (``.harness-cache/heads/<backbone>/*.pt``, not the node-local
+    copies its shard tasks received), listed before any later command}.
+    """
+    import subprocess
+
+    from services import user_env, workspace
+    root = workspace(tmp_path_factory.mktemp("user"))
+    home = root.parent / "home"
+    home.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", "jobs/smoke.yaml"],
+                          cwd=root, env=user_env(home), capture_output=True, text=True,
+                          timeout=600)
+    heads = [] if proc.returncode else sorted(
+        p for p in (root / ".harness-cache" / "heads").glob("*/*.pt")
+        if p.parent.name != "received")
+    return {"root": root, "home": home, "proc": proc, "heads": heads}

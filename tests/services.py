@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import os
 import signal
@@ -150,3 +151,15 @@ def mlflow_server(workdir: Path):
     finally:
         _stop(proc)
         log.close()
+
+
+def tensor_hashes(state: dict) -> dict[str, str]:
+    """SHA-256 of each tensor of a state dict: its dtype, shape and bytes (the golden files
+    pin trained heads by these; a ``torch.save`` file's own bytes vary between saves)."""
+    out = {}
+    for key, t in sorted(state.items()):
+        t = t.detach().cpu().contiguous()
+        digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.numpy().tobytes())
+        out[key] = digest.hexdigest()
+    return out

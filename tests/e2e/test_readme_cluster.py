@@ -6,17 +6,27 @@ cannot drift apart. Then, on the head it started:
 - every socket that the head and the MLflow server opened listens on 127.0.0.1 only
   (``psutil``'s view of the kernel's tables, compared before and after);
 - a client without the token is refused, by the job API and by the dashboard's HTTP API;
-- the job's runs are in the MLflow server and its shards in ``./.harness-cache``; the same
-  submit again reuses every shard (none rewritten) and reports the same numbers;
+- the job's runs are in the MLflow server and its shards in ``./.harness-cache``, and its
+  numbers are the smoke run's pinned ones (``golden/smoke.json``); with one shard file
+  deleted, the same submit again recomputes that one alone (every other shard file
+  untouched) and reports the same numbers;
 - a submit without ``tracking.uri`` and ``storage.uri`` is refused (exit 2 inside the job),
   naming both, instead of writing into Ray's temporary copy of the project.
 Afterwards ``ray stop`` (as the README says) stops the head, and the MLflow server is stopped
 by the PID that listens on its port.
+
+The copy's cache starts with the heads of the session's local smoke run (``smoke_project``,
+tests/conftest.py: the same spec, so the same heads), so the job evaluates on the
+cluster without training them again; training heads in a ``ray job submit`` job is
+``test_two_nodes.py``'s (on two nodes). Should that local run have failed, the job trains
+them itself.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -63,11 +73,20 @@ def stop_everything(root, env, mlflow_port: int = 5000) -> None:
                     proc.kill()
 
 
+def pinned_smoke() -> dict[str, dict]:
+    return json.loads((REPO / "tests" / "e2e" / "golden" / "smoke.json").read_text())["runs"]
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, smoke_project):
     block = readme_block("On a Ray cluster")
     submit = next(c for c in commands(block) if c.startswith("ray job submit"))
     root = workspace(tmp_path_factory.mktemp("cluster"))
+    for head in smoke_project["heads"]:            # the same spec's heads, trained locally
+        target = root / ".harness-cache" / head.relative_to(
+            smoke_project["root"] / ".harness-cache")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(head, target)
     env = user_env(root.parent / "home")
     before = listening()
     try:
@@ -105,6 +124,9 @@ def test_the_job_succeeds_and_its_results_outlive_it(cluster):
     assert len(children) == 16 and all(c.info.status == "FINISHED" for c in children)
     shards = list((cluster["root"] / ".harness-cache" / "shards").glob("*/*/shard-*.parquet"))
     assert len(shards) == 32                      # 16 cells x 2 shards of 6 images
+    got = {c.data.tags["run_key"]: c.data.metrics for c in children}
+    for key, metrics in pinned_smoke().items():
+        assert {k: got[key][k] for k in metrics} == metrics, key
 
 
 def test_every_server_listens_on_loopback_only(cluster):
@@ -130,12 +152,17 @@ def test_a_client_without_the_token_is_refused(cluster):
 
 
 def test_a_second_submit_reuses_the_cache(cluster):
+    """Delete one shard file of the first job: the same submit recomputes that one only
+    (every other shard file untouched) and reports the same numbers."""
     shards = sorted((cluster["root"] / ".harness-cache" / "shards").glob("*/*/shard-*.parquet"))
-    stamps = {p: p.stat().st_mtime_ns for p in shards}
+    victim = next(p for p in shards if "/gradcampp-" in str(p))
+    stamps = {p: p.stat().st_mtime_ns for p in shards if p != victim}
+    victim.unlink()
     time.sleep(0.01)
     again = shell(cluster, cluster["submit"])
     assert again.returncode == 0 and "succeeded" in again.stdout, again.stdout[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in shards} == stamps, "finished shards were redone"
+    assert victim.exists(), "the deleted shard was not recomputed"
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "finished shards were redone"
     parents, children = smoke_runs(MlflowClient("http://127.0.0.1:5000"))
     assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
     by_parent = {}

@@ -10,7 +10,8 @@ results go to an S3 object store (a moto server on 127.0.0.1), MLflow to a serve
 Then ``ray job submit`` of the smoke spec (one backbone, two Ray Train workers spread over the
 nodes, two epochs), the way a user submits it:
 - shards run on both nodes (each run's ``nodes`` tag), the heads train on both
-  (``train_nodes``), and every number equals a one-node run's of the same spec;
+  (``train_nodes``), and every number equals a one-node run's of the same spec (pinned in
+  ``golden/two_nodes.json`` by ``golden/record.py``);
 - a node lost mid-run, twice in one job: during the second epoch of head training (the fit
   resumes from the first epoch's checkpoint on the head), and, after the node rejoined,
   during the evaluation (its shard is retried on the head): the job finishes with the same
@@ -33,7 +34,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from services import (REPO, _stop, free_port, mlflow_server, user_env, wait_until_answering,
+from services import (_stop, free_port, mlflow_server, user_env, wait_until_answering,
                       workspace)
 
 pytestmark = [pytest.mark.slow,
@@ -42,6 +43,7 @@ pytestmark = [pytest.mark.slow,
 
 SPEC = ["jobs/smoke.yaml", "backbones=[tiny_vgg]", "train.workers=2", "train.placement=spread",
         "train.epochs=2"]
+ONE_NODE = ["ray.num_cpus=2"]             # the pinned one-machine run's overrides (golden/)
 S3 = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
@@ -199,17 +201,13 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_node(setup, tmp_path_factory):
-    """The same spec on one machine, with a local Ray (the reference numbers)."""
-    work = tmp_path_factory.mktemp("one-node")
-    root = workspace(work)
-    db = work / "mlflow.db"
-    res = subprocess.run([sys.executable, "-m", "harness", "run", *SPEC, "ray.num_cpus=2",
-                          f"tracking.uri=sqlite:///{db}"], cwd=root,
-                         env=user_env(work / "home"), capture_output=True, text=True,
-                         timeout=1200)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return numbers(method_runs(f"sqlite:///{db}", "smoke"))
+def one_node():
+    """The same spec's numbers on one machine with a local Ray (``ONE_NODE``), pinned in
+    ``golden/two_nodes.json`` by ``golden/record.py two_nodes``."""
+    pinned = json.loads((Path(__file__).parent / "golden" / "two_nodes.json").read_text())
+    assert pinned["command"].split() == ["harness", "run", *SPEC, *ONE_NODE], \
+        "the spec changed: rerun tests/e2e/golden/record.py two_nodes"
+    return pinned["runs"]
 
 
 @pytest.fixture(scope="module")

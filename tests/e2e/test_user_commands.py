@@ -4,9 +4,13 @@ The environment is a user's (``services.user_env``: PATH, a fresh HOME without a
 no Ray or MLflow variables), the cache and the MLflow store are the documented defaults
 (``./.harness-cache``, ``sqlite:///./mlflow.db``) and the commands are the README's. The copy's
 cache starts with the shared generated inputs (data set, embedded backbones) and nothing
-else: heads, shards, runs and sweeps are made here. One module-scoped session runs the
-commands in the order a new user would (``run``, ``report``, ``tune``, ``report`` again,
-``explain``, ``bench``) and the tests check what each left behind.
+else: heads, shards, runs and sweeps are made here. One session runs the commands in the
+order a new user would (``run``, ``tune``, ``report``, ``explain``, ``bench``; independent
+ones side by side) and the tests check what each left behind. The ``run`` is the session-wide
+``smoke_project`` (tests/conftest.py), made once for this module and
+``test_readme_cluster.py``; deleting one of its shard files and running again (that shard
+alone recomputed, the same numbers) is checked on the cluster, by the README's second
+submit (``test_readme_cluster.test_a_second_submit_reuses_the_cache``).
 """
 from __future__ import annotations
 
@@ -16,13 +20,14 @@ import math
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from services import DOCUMENTED, REPO, user_env, workspace
+from services import DOCUMENTED, REPO, user_env
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +37,8 @@ FRACTIONS = ("100", "50", "15")
 class Session:
     """A user's shell in a fresh copy of the project: ``run(*args)`` -> CompletedProcess."""
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.home = root.parent / "home"
-        self.home.mkdir()
+    def __init__(self, root: Path, home: Path):
+        self.root, self.home = root, home
 
     def run(self, *args: str, timeout: float = 600, executable=None) -> subprocess.CompletedProcess:
         cmd = list(executable or [sys.executable, "-m", "harness"]) + list(args)
@@ -48,20 +51,30 @@ class Session:
         assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
         return proc
 
+    def together(self, *calls):
+        """Independent commands at the same time (two cores; each imports torch alone):
+        ``calls`` are (method, args, kwargs) of this session, the results in that order."""
+        with ThreadPoolExecutor(len(calls)) as pool:
+            futures = [pool.submit(getattr(self, m), *args, **kw) for m, args, kw in calls]
+            return [f.result() for f in futures]
+
     @property
     def client(self) -> MlflowClient:
         return MlflowClient(f"sqlite:///{self.root / 'mlflow.db'}")
 
 
 @pytest.fixture(scope="module")
-def user(tmp_path_factory):
-    return Session(workspace(tmp_path_factory.mktemp("user")))
+def user(smoke_project):
+    return Session(smoke_project["root"], smoke_project["home"])
 
 
 @pytest.fixture(scope="module")
-def smoke(user):
-    """``python -m harness run jobs/smoke.yaml``, as the README shows it."""
-    proc = user.ok("run", "jobs/smoke.yaml")
+def smoke(user, smoke_project):
+    """``python -m harness run jobs/smoke.yaml``, as the README shows it (``smoke_project``)."""
+    proc = smoke_project["proc"]
+    assert proc.returncode == 0, f"run jobs/smoke.yaml:\n{proc.stdout[-4000:]}\n" \
+        f"{proc.stderr[-4000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     exp = user.client.get_experiment_by_name("smoke")
     parents = user.client.search_runs([exp.experiment_id], "tags.harness_role = 'benchmark'")
     assert len(parents) == 1
@@ -88,12 +101,13 @@ def by_hand(rows) -> dict[str, float]:
 
 # -- the README's first commands ---------------------------------------------------------------
 def test_ls_and_the_installed_script(user):
-    listed = user.ok("ls").stdout
+    script = Path(sys.executable).with_name("lcam-bench")
+    listed, installed = user.together(("ok", ("ls",), {}),
+                                      ("ok", ("ls",), {"executable": [str(script)]}))
     for name in ("gradcam", "gradcampp", "scorecam", "rise", "lcam_fm", "lcam_img",
                  "tiny_vgg", "tiny_resnet", "vgg16", "resnet50", "quickstart.yaml"):
-        assert name in listed, name
-    script = Path(sys.executable).with_name("lcam-bench")
-    assert user.ok("ls", executable=[str(script)]).stdout == listed
+        assert name in listed.stdout, name
+    assert installed.stdout == listed.stdout
 
 
 def test_validate_the_quickstart(user):
@@ -159,18 +173,11 @@ def test_run_logs_intervals_and_the_pairwise_matrix(user, smoke):
 
 
 def test_report_after_run_then_after_tune(user, smoke):
-    """``report`` with no option reports the latest *benchmark*, also after a sweep; the
-    sweep stops bad trials early, logs its trials under one run and writes a spec that runs."""
-    first = user.ok("report")
+    """``report`` with no option reports the latest *benchmark* (its table equals the stored
+    metrics), also after a sweep (so ``report`` runs once, after the sweep: before it, the
+    benchmark is the only run there is); the sweep stops bad trials early, logs its trials
+    under one run and writes a spec that runs."""
     parent_id = smoke["parent"].info.run_id
-    assert f"report of run {parent_id}" in first.stdout
-    with open(user.root / "reports" / parent_id / "table.csv") as f:
-        table = list(csv.DictReader(f))
-    metrics = {r.data.tags["run_key"]: r.data.metrics for r in children(user.client, smoke["parent"])}
-    assert len(table) == 16
-    for row in table:
-        stored = metrics[f"{row['backbone']}/{row['method_id']}"]
-        assert float(row["AD_15"]) == stored["AD_15"] and float(row["IC_50"]) == stored["IC_50"]
     sweep = user.ok("tune", "jobs/sweeps/lcam_quickstart.yaml",
                     "sweep.space={lr: {grid: [0.05, 1.0e-6, 2.0e-6, 3.0e-6]}}",
                     "sweep.num_samples=1", "train.epochs=2", "data.train_limit=160",
@@ -185,6 +192,13 @@ def test_report_after_run_then_after_tune(user, smoke):
     assert {"best_head.pt", "best.yaml"} <= {a.path for a in user.client.list_artifacts(
         parents[0].info.run_id)}
     assert f"report of run {parent_id}" in user.ok("report").stdout
+    with open(user.root / "reports" / parent_id / "table.csv") as f:
+        table = list(csv.DictReader(f))
+    metrics = {r.data.tags["run_key"]: r.data.metrics for r in children(user.client, smoke["parent"])}
+    assert len(table) == 16
+    for row in table:
+        stored = metrics[f"{row['backbone']}/{row['method_id']}"]
+        assert float(row["AD_15"]) == stored["AD_15"] and float(row["IC_50"]) == stored["IC_50"]
     best = Path(sweep.stdout.split("benchmark spec: ")[1].split()[0])
     assert best.read_text().startswith(f"# python -m harness run {best}")
     rerun = user.ok("run", str(best), "data.limit=4", "sharding.images_per_task=4")
@@ -204,42 +218,25 @@ def test_child_runs_carry_provenance_and_files(user, smoke):
         assert ("head" in files) == r.data.tags["method"].startswith("lcam")
 
 
-def test_a_deleted_shard_alone_is_recomputed_with_the_same_numbers(user, smoke):
-    """Delete one shard file of the smoke run: the same command recomputes that one only
-    (every other shard file untouched) and reports the same numbers."""
-    shards = sorted((user.root / ".harness-cache" / "shards").glob("*/*/shard-*.parquet"))
-    victim = next(p for p in shards if "/gradcampp-" in str(p))
-    others = {p: p.stat().st_mtime_ns for p in shards if p != victim}
-    victim.unlink()
-    user.ok("run", "jobs/smoke.yaml")
-    assert victim.exists(), "the deleted shard was not recomputed"
-    assert {p: p.stat().st_mtime_ns for p in others} == others, "finished shards were redone"
-    exp = user.client.get_experiment_by_name("smoke")
-    latest = user.client.search_runs([exp.experiment_id], "tags.harness_role = 'benchmark'",
-                                     order_by=["attributes.start_time DESC"])[0]
-    got = {r.data.tags["run_key"]: r.data.metrics for r in children(user.client, latest)}
-    for key, metrics in pinned("smoke").items():
-        assert {k: got[key][k] for k in metrics} == metrics, key
-
-
 def test_explain_and_bench(user, smoke):
     image = sorted((user.root / ".harness-cache" / "quickstart-v1" / "val" / "star").glob(
         "*[0-9].png"))[0]
-    out = user.ok("explain", str(image), "--backbone", "tiny_vgg", "--method", "gradcam",
-                  "--top-k", "2").stdout
-    png = Path(user.root, out.split(":")[0])
+    explained, _ = user.together(
+        ("ok", ("explain", str(image), "--backbone", "tiny_vgg", "--method", "gradcam",
+                "--top-k", "2"), {}),
+        ("ok", ("bench", "--backbones", "tiny_resnet", "--size", "64", "--batch", "2",
+                "--threads", "1", "--repeats", "1", "--methods", "gradcam", "lcam_fm",
+                "--no-train", "--no-eval", "--out", "bench-results/tiny.json"), {}))
+    png = Path(user.root, explained.stdout.split(":")[0])
     assert png.is_file() and png.stat().st_size > 1000
-    user.ok("bench", "--backbones", "tiny_resnet", "--size", "64", "--batch", "2",
-            "--threads", "1", "--repeats", "1", "--methods", "gradcam", "lcam_fm",
-            "--no-train", "--no-eval", "--out", "bench-results/tiny.json")
     assert (user.root / "bench-results" / "tiny.json").is_file()
 
 
 def test_a_spec_with_a_nul_byte_is_refused_naming_the_file(user):
     path = user.root / "broken.yaml"
     path.write_bytes(b"schema: 1\nname: bro\x00ken\nbackbones: [tiny_vgg]\nmethods: [gradcam]\n")
-    for command in ("validate", "run"):
-        proc = user.run(command, "broken.yaml")
+    for proc in user.together(("run", ("validate", "broken.yaml"), {}),
+                              ("run", ("run", "broken.yaml"), {})):
         assert proc.returncode == 2, proc.stderr
         assert "broken.yaml: 1 problem" in proc.stderr and "#x0000" in proc.stderr
         assert "Traceback" not in proc.stderr

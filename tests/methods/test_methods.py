@@ -64,7 +64,14 @@ def _run(name: str, bb_name: str, random_backbone, helpers) -> dict:
     return out
 
 
-@pytest.fixture(params=[(m, b) for b in SIZES for m in METHODS],
+# Score-CAM on ResNet-50 (~1,900 masked forwards per row, most of this module's time) runs
+# with ``-m full`` only: Score-CAM's code has no backbone-specific path, and on VGG-16 (run
+# by default) it covers the same contract, constant channels skipped included (below).
+FULL_ONLY = {("scorecam", "resnet50")}
+
+
+@pytest.fixture(params=[pytest.param((m, b), marks=[pytest.mark.full] if (m, b) in FULL_ONLY
+                                     else []) for b in SIZES for m in METHODS],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def run(request, random_backbone, helpers):
     return _run(*request.param, random_backbone, helpers)
@@ -115,11 +122,12 @@ def test_no_hooks_grads_or_train_mode_left_on_the_backbone(run):
 
 # --- method-specific counts on the registered backbones ------------------------------------
 def test_scorecam_counts_skipped_constant_channels_exactly(random_backbone, helpers):
-    r = _run("scorecam", "resnet50", random_backbone, helpers)
-    assert r["nominal"] == 2048
+    # VGG-16 (K = 512; ResNet-50's K = 2048 is in test_nominal_counts_follow_the_protocol_table)
+    r = _run("scorecam", "vgg16", random_backbone, helpers)
+    assert r["nominal"] == 512
     measured = r["rows"] / 2 - 1
     assert r["last_fw"] == pytest.approx(measured)
-    assert measured < 2048                          # random-init ReLU maps: some all-zero
+    assert measured < 512                           # random-init ReLU maps: some all-zero
 
 
 def test_rise_runs_exactly_n_masks_forwards(random_backbone, helpers):

@@ -13,7 +13,13 @@ venv's Python, so they import the plugin as the driver does.
   rows are in the printed table, in MLflow (child runs tagged with the plugin's names) and
   in the report;
 - ``test_docs_commands``: every command of every ``bash`` block of docs/plugins.md, in
-  order, in the same copy (its ``run`` finds the shards of the first test's).
+  order, in the same copy.
+
+Each distinct command runs once per module (``Shell.once``): the first test's install,
+``run`` and ``report`` are docs/plugins.md's own lines, so the second test takes their
+(already checked) results instead of installing and running the same thing again in the
+same copy (a docs line that differs from them runs as written; run alone, the second test
+runs every line itself).
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ pytestmark = pytest.mark.slow
 SPEC = "examples/lcam-xgradcam/xgradcam_quickstart.yaml"
 LIMIT = "data.limit=12"                     # the docs' first look uses the same images
 PLUGIN_METHODS = {"xgradcam", "lcam_xgradcam.xgradcam:XGradCAM"}
+INSTALL = "python -m pip install -e examples/lcam-xgradcam"
 
 
 def ensure_tiny_resnet() -> None:
@@ -50,6 +57,7 @@ class Shell:
 
     def __init__(self, root: Path, env: dict[str, str]):
         self.root, self.env = root, env
+        self.done: dict[str, subprocess.CompletedProcess] = {}
 
     def run(self, command: str, timeout: float = 600) -> subprocess.CompletedProcess:
         res = subprocess.run(["bash", "-e", "-c", command], cwd=self.root, env=self.env,
@@ -57,6 +65,12 @@ class Shell:
         assert res.returncode == 0, f"{command}\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
         assert "Traceback" not in res.stderr, f"{command}\n{res.stderr[-4000:]}"
         return res
+
+    def once(self, command: str) -> subprocess.CompletedProcess:
+        """``run(command)`` the first time; its (checked) result again after that."""
+        if command not in self.done:
+            self.done[command] = self.run(command)
+        return self.done[command]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +88,8 @@ def shell(tmp_path_factory):
 
 
 def test_install_run_report(shell):
-    shell.run("python -m pip install -e examples/lcam-xgradcam")
-    shown = shell.run(f"python -m harness run {SPEC} {LIMIT}").stdout
+    shell.once(INSTALL)
+    shown = shell.once(f"python -m harness run {SPEC} {LIMIT}").stdout
     for backbone in ("tiny_vgg", "tiny_resnet"):
         table = shown[shown.index(f"{backbone} (embedded"):]
         assert re.search(r"│ XGrad-CAM +│", table) and "│ XGrad-CAM (prob) │" in table
@@ -86,8 +100,13 @@ def test_install_run_report(shell):
     assert {m for _, m in cells} == {"gradcam", *PLUGIN_METHODS} and len(cells) == 6
     for (_, method), run in cells.items():
         assert run.info.status == "FINISHED" and run.data.metrics["images"] == 12
+        origin, via = run.data.tags["method_origin"], ("class reference" if ":" in method
+                                                          else "entry point")
+        assert origin == "built-in" if method == "gradcam" else (
+            origin.startswith("lcam-xgradcam") and via in origin), (method, origin)
+        assert run.data.tags["backbone_origin"] == "built-in"
         assert {"AD_100", "IC_15", "FW"} <= set(run.data.metrics)
-    report = shell.run("python -m harness report --experiment xgradcam_quickstart").stdout
+    report = shell.once("python -m harness report --experiment xgradcam_quickstart").stdout
     assert report.count("XGrad-CAM (prob)") == 2
     table_csv = next(shell.root.glob("reports/*/table.csv"))
     rows = list(csv.DictReader(table_csv.open()))
@@ -105,9 +124,9 @@ def bash_commands(markdown: str) -> list[str]:
 
 def test_docs_commands(shell):
     commands = bash_commands((REPO / "docs" / "plugins.md").read_text())
-    assert "python -m pip install -e examples/lcam-xgradcam" in commands
+    assert INSTALL in commands
     assert any(c.startswith("python -m harness run ") for c in commands)
     for command in commands:
-        out = shell.run(command).stdout
+        out = shell.once(command).stdout
         if command == "python -m harness ls":
             assert "lcam-xgradcam" in out and "resnet18_layer3" in out

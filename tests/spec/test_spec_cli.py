@@ -99,13 +99,16 @@ def test_corpus_is_large_and_annotated():
         assert expectations(path)
 
 
-SUBPROCESS_RUNS = 3      # corpus files also run as ``python -m harness run`` subprocesses
+# Corpus files also run as ``python -m harness run`` subprocesses: one is enough, since every
+# file takes the same path there (the spec refused by ``cli.main``, exit 2, before anything
+# is created), which the in-process runs check for each file's own problems.
+SUBPROCESS_RUNS = 1
 
 
 @pytest.fixture(scope="module")
 def corpus_runs(tmp_path_factory):
-    """``run`` on every corpus file (in process; the first few also as subprocesses, two at
-    a time), and one ``validate`` subprocess of all of them."""
+    """``run`` on every corpus file (in process; the first also as a subprocess), and one
+    ``validate`` subprocess of all of them (the subprocesses two at a time)."""
     root = tmp_path_factory.mktemp("corpus")
     runs = {path.name: (root / f"run{i:02d}", harness_here(["run", str(path)],
                                                           root / f"run{i:02d}"))
@@ -117,9 +120,9 @@ def corpus_runs(tmp_path_factory):
         return path.name + " (subprocess)", (workdir, harness(["run", str(path)], workdir))
 
     with ThreadPoolExecutor(2) as pool:
+        validate = pool.submit(harness, ["validate", *map(str, CORPUS)], root / "validate")
         runs.update(pool.map(one, enumerate(CORPUS[:SUBPROCESS_RUNS])))
-    validate = harness(["validate", *map(str, CORPUS)], root / "validate")
-    return runs, validate
+        return runs, validate.result()
 
 
 def sections(output: str) -> dict[str, str]:
@@ -366,13 +369,32 @@ def test_job_validates(path, tmp_path):
 
 def test_cli_validate_and_ls(tmp_path):
     quick = REPO / "jobs" / "quickstart.yaml"
-    res = harness(["validate", str(quick), *job_overrides(quick, tmp_path)], tmp_path)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines()[0] == f"{quick}: OK (2 backbones x 8 methods)"  # then its plan
-    res = harness(["ls"], tmp_path / "ls")
+    with ThreadPoolExecutor(2) as pool:                   # two independent processes
+        listed = pool.submit(harness, ["ls"], tmp_path / "ls")
+        res = harness(["validate", str(quick), *job_overrides(quick, tmp_path)], tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines()[0] == f"{quick}: OK (2 backbones x 8 methods)"  # + plan
+        res = listed.result()
     assert res.returncode == 0, res.stderr
     for name in [*methods.names(), *backbones.names(), *(p.name for p in JOBS)]:
         assert name in res.stdout, name
+
+
+def test_validate_says_where_results_go(tmp_path, monkeypatch):
+    """The plan ends with the results, node cache and MLflow store a run would use: a local
+    storage.uri holds the cache too; an s3:// one keeps the cache node-local."""
+    from harness.cli.validate import locations
+    monkeypatch.delenv("HARNESS_CACHE_DIR", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    quick = REPO / "jobs" / "quickstart.yaml"
+    local = load_spec(quick, [f"storage.uri={tmp_path / 'results'}"])
+    assert locations(local) == (f"results: {tmp_path / 'results'}; node cache: "
+                                f"{tmp_path / 'results'}; MLflow: http://127.0.0.1:5000")
+    remote = load_spec(quick, ["storage.uri=s3://bucket/run", f"storage.cache={tmp_path}/c",
+                               "tracking.uri=sqlite:///x.db"])
+    assert locations(remote) == (f"results: s3://bucket/run; node cache: {tmp_path}/c; "
+                                 "MLflow: sqlite:///x.db")
+    assert "HARNESS_CACHE_DIR" not in os.environ          # validate chooses nothing
 
 
 # -- the CLI in-process (no Ray: the runner is a stand-in) -----------------------------------
