@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import shutil
 import os
 import signal
@@ -154,12 +153,8 @@ def mlflow_server(workdir: Path):
 
 
 def tensor_hashes(state: dict) -> dict[str, str]:
-    """SHA-256 of each tensor of a state dict: its dtype, shape and bytes (the golden files
-    pin trained heads by these; a ``torch.save`` file's own bytes vary between saves)."""
-    out = {}
-    for key, t in sorted(state.items()):
-        t = t.detach().cpu().contiguous()
-        digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.numpy().tobytes())
-        out[key] = digest.hexdigest()
-    return out
+    """Each tensor of a state dict by its ``backbones.embedded.state_hash`` (name, dtype, shape
+    and bytes): the golden files pin trained heads by these, so that a failure names the
+    tensor (a ``torch.save`` file's own bytes vary between saves)."""
+    from backbones.embedded import state_hash
+    return {key: state_hash({key: t}) for key, t in sorted(state.items())}

@@ -52,6 +52,11 @@ def planned_cache(uri: str | os.PathLike | None, cache: str | os.PathLike | None
         return Path(cache).expanduser().resolve()
     if uri is not None and "://" not in str(uri) and not os.environ.get(CACHE_ENV):
         return Path(uri).expanduser().resolve()
+    return current_cache()
+
+
+def current_cache() -> Path:
+    """The cache root this process uses now: ``HARNESS_CACHE_DIR``, else the default."""
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().resolve()
 
 
@@ -65,7 +70,7 @@ def check_persistent(tracking_uri: str) -> None:
     if not inside_ray_job():
         return
     cwd, missing = Path.cwd().resolve(), []
-    if _inside(Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().resolve(), cwd):
+    if _inside(current_cache(), cwd):
         missing.append(f"storage.uri=/absolute/folder (results and cache) or storage.cache="
                        f"/absolute/node-local/folder (or {CACHE_ENV}) with storage.uri=s3://...")
     local_store = tracking_uri.split(":///", 1)[1] if tracking_uri.startswith(
@@ -83,7 +88,7 @@ def check_persistent(tracking_uri: str) -> None:
 
 def cache_dir() -> Path:
     """The absolute cache root (created on first use)."""
-    root = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().resolve()
+    root = current_cache()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
