@@ -196,7 +196,7 @@ def shortcut_figure(backbone, explainer, dataset, out_dir: str | Path, max_image
         return [], {}
     c = CLASSES.index(SHORTCUT_CLASS)
     size = tuple(dataset[0][0].shape[-2:]) if len(dataset) else (0, 0)
-    members = [i for i in range(len(dataset)) if int(dataset.items[i][1]) == c]
+    members = [i for i, label in enumerate(labels_of(dataset)) if label == c]
     regs = {i: localisation.regions_for(dataset.path_of(i), size, "quickstart") for i in members}
     members = [i for i in members if regs[i] is not None]
     cue = [i for i in members if regs[i].cue is not None]
@@ -284,13 +284,20 @@ def _find_errors(backbone, dataset, per_image, scan_images: int) -> list[int]:
     return [i for i, p, g in zip(scan, pred.tolist(), labels.tolist()) if p != g]
 
 
+def labels_of(dataset) -> list[int]:
+    """Every image's label, read once (``dataset.items`` may build its list on each access:
+    indexing it per image made the gallery quadratic in the images, hours at 50,000)."""
+    return [int(label) for _, label, _ in dataset.items]
+
+
 def _gallery_class(dataset, errors: list[int]) -> int | None:
     """The quickstart's shortcut class, else the class with the most errors found."""
     if getattr(dataset, "info", {}).get("kind") == "quickstart":
         from harness.data.quickstart import CLASSES, SHORTCUT_CLASS
         return CLASSES.index(SHORTCUT_CLASS)
     if errors:
-        gts = [int(dataset.items[i][1]) for i in errors]
+        labels = labels_of(dataset)
+        gts = [labels[i] for i in errors]
         return max(sorted(set(gts)), key=gts.count)
     return None
 
@@ -333,7 +340,7 @@ def analyse(backbone, explainer, dataset, out_dir: str | Path, *, figure_images:
     if gallery_class is None:
         gallery_class = _gallery_class(dataset, errors)
     if gallery_class is not None:
-        members = [i for i in range(len(dataset)) if int(dataset.items[i][1]) == gallery_class]
+        members = [i for i, label in enumerate(labels_of(dataset)) if label == gallery_class]
         images, labels, ids = load_items(dataset, members[: max(figure_images * 4, 24)])
         add(class_gallery(backbone, explainer, images, labels, ids, gallery_class, out_dir,
                           max(figure_images, 8), names))

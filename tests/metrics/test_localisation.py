@@ -201,3 +201,25 @@ def test_analyse_writes_figures_and_numbers(quickstart_val, tmp_path):
     randomised = [k for k in m if k.startswith("sanity_spearman_tail.")]
     assert len(randomised) == 1 and math.isfinite(m[randomised[0]]), m   # one step: the top layer
     assert 0.0 <= m["shortcut_cue_energy"] <= 1.0 and m["localisation_images"] == 20
+
+
+def test_gallery_reads_the_labels_once_not_per_image():
+    """``Prepared.items`` builds its list on each access; the gallery class and its members
+    read it once (indexing it per image made a 50,000-image analysis run for hours)."""
+    from harness.results.analysis import _gallery_class, labels_of
+
+    class Items:
+        info = {"kind": "imagenet"}
+        reads = 0
+
+        @property
+        def items(self):
+            Items.reads += 1
+            return [(f"{i}.jpg", i % 3, str(i)) for i in range(3000)]
+
+        def __len__(self):
+            return 3000
+
+    data = Items()
+    assert _gallery_class(data, errors=[1, 4, 7, 2]) == 1 and Items.reads == 1
+    assert labels_of(data)[:4] == [0, 1, 2, 0] and Items.reads == 2
