@@ -12,7 +12,7 @@ generated inputs), and writes what the test compares into ``tests/e2e/golden/<ta
 - ``two_nodes``: ``test_two_nodes.py``'s spec (tiny_vgg, eight methods, two Ray Train
   workers) on one node: every metric the spec determines.
 
-The tests then need no reference run of their own (about a minute and a half each on two
+The tests then need no reference run of their own (49 s and 69 s here on two
 cores). Rerun this script, and say why in the commit, only when a change is meant to move
 the numbers: a refactor must not (``golden/smoke.json`` and ``golden/quickstart.json`` pin
 the benchmark's own rows the same way).
