@@ -93,6 +93,39 @@ def test_the_interval_contains_the_estimate_with_few_images():
 
 
 # -- paired tests -----------------------------------------------------------------------------
+def _block_draws(kind: str, n: int, resamples: int, seed: int) -> np.ndarray:
+    """The draws as the statistics were first made: whole blocks of 1,000 resamples."""
+    rng, out = np.random.default_rng(seed), []
+    for start in range(0, resamples, 1000):
+        k = min(1000, resamples - start)
+        out.append(rng.integers(0, n, size=(k, n), dtype=np.int32) if kind == "bootstrap"
+                   else rng.integers(0, 2, size=(k, n), dtype=np.int8))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("n", [13, 50, 333])
+def test_slicing_bounds_memory_and_keeps_every_number(monkeypatch, n):
+    """Draws are cut in slices of at most SLICE_ELEMENTS (a few rows here, as for 50,000
+    images by default), and the bootstrap means and sign-flip p values are bit for bit those
+    of whole 1,000-resample blocks, for an odd and an even n, a resample count that is not a
+    multiple of the slice, and one of 4."""
+    from harness.metrics import statistics
+    rng = np.random.default_rng(1)
+    x = rng.exponential(5.0, (n, 2))
+    d = rng.normal(0.3, 1.0, (n, 3))
+    resamples = 2_501
+    idx = _block_draws("bootstrap", n, resamples, seed=4)
+    expected_means = np.stack([x[:, j][idx].mean(axis=1) for j in range(2)], axis=1)
+    signs = 1.0 - 2.0 * _block_draws("signs", n, resamples, seed=4)
+    hits = (np.abs(signs @ d) >= np.abs(d.sum(axis=0)) - 1e-9 * np.abs(d).sum(axis=0)).sum(0)
+    expected_p = (hits + 1) / (resamples + 1)
+    monkeypatch.setattr(statistics, "SLICE_ELEMENTS", 7 * n)     # slices of 4 rows
+    sliced = list(statistics._slices(resamples, n))
+    assert {k for _, k in sliced[:-1]} == {4} and sum(k for _, k in sliced) == resamples
+    np.testing.assert_array_equal(bootstrap_means(x, resamples, 4), expected_means)
+    np.testing.assert_array_equal(sign_flip_pvalues(d, resamples, 4), expected_p)
+
+
 def test_sign_flip_exact_by_hand():
     """d = (1, 2, 3): the 8 sign vectors give |sum| = 6, 4, 2, 0, 0, 2, 4, 6; two reach 6."""
     assert sign_flip_pvalues(np.array([[1.0], [2.0], [3.0]]), 10_000, 0)[0] == 0.25
