@@ -3,6 +3,7 @@
 transform gives."""
 from __future__ import annotations
 
+import threading
 from unittest import mock
 
 import torch
@@ -52,8 +53,15 @@ def test_every_method_of_a_backbone_reads_the_prepared_set_no_decode(tmp_path, t
     ev = EvaluationPlan(fractions=PAPER_FRACTIONS, preset=PAPER, batch_size=4, overlays=0,
                         autocast=False, channels_last=False, images_per_task=6,
                         cpus_per_task=1, gpus_per_task=0, max_retries=0)
+    loading_threads = set()
+
+    def batch(self, indices, original=Prepared.batch):
+        loading_threads.add(threading.current_thread())     # kept: no id reused
+        return original(self, indices)
+
     with mock.patch.object(images_module, "load_image") as load, \
-            mock.patch.object(shards, "_load_backbone", lambda *a: tiny_backbone):
+            mock.patch.object(shards, "_load_backbone", lambda *a: tiny_backbone), \
+            mock.patch.object(Prepared, "batch", batch):
         for method in ("gradcam", "gradcampp"):
             cell = Cell(backbone="tiny", weights=None, method=method, method_id=method,
                         display_name=method, variant="paper", params={}, row=1,
@@ -66,3 +74,6 @@ def test_every_method_of_a_backbone_reads_the_prepared_set_no_decode(tmp_path, t
             assert summary["rows"] == 6 and result["rows"].num_rows == 6 and set(summary["seconds"]) >= {"load", "explain",
                                                                         "score", "write"}
     assert load.call_count == 0
+    # one loading thread for the process, not one per shard (a new thread a shard made glibc
+    # open a malloc arena per thread: a Ray worker's memory grew with the shards it ran)
+    assert len(loading_threads) == 1 and threading.current_thread() not in loading_threads
