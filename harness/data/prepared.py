@@ -46,7 +46,7 @@ class Prepared:
         self.path = Path(path)
         index = json.loads((self.path / INDEX).read_text())
         self.ids, self.labels = index["ids"], index["labels"]
-        self.paths = [Path(p) for p in index["paths"]]
+        self._paths = index["paths"]        # strings: a Path is ~300 bytes more an image
         self.list_hash, self.classes = index["list_hash"], index["classes"]
         self.info = {"kind": index["kind"]}
         self._array = np.load(self.path / ARRAY, mmap_mode="r")
@@ -59,10 +59,10 @@ class Prepared:
 
     @property
     def items(self) -> list[tuple[Path, int, str]]:
-        return list(zip(self.paths, self.labels, self.ids))
+        return list(zip(map(Path, self._paths), self.labels, self.ids))
 
     def path_of(self, i: int) -> Path:
-        return self.paths[i]
+        return Path(self._paths[i])
 
     def batch(self, indices) -> torch.Tensor:
         """The images at ``indices`` (a contiguous range is read in one slice)."""
