@@ -155,14 +155,17 @@ def memory_check(n: int, tmp: Path) -> dict[str, Any]:
     log = open(tmp / "memory-run.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "harness", "run", str(spec)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, text=True)
-    driver, workers = {"rss": 0, "anon": 0}, {"rss": 0, "anon": 0}
+    driver, workers, by_task = {"rss": 0, "anon": 0}, {"rss": 0, "anon": 0}, {}
     top = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
             _peak(driver, top.pid)
             for child in top.children(recursive=True):
-                if "ray::" in " ".join(child.cmdline())[:64]:
+                title = " ".join(child.cmdline())[:64]
+                if "ray::" in title:              # ray::<task running now>, or ray::IDLE
+                    task = (title.split("ray::", 1)[1].split() or ["?"])[0]
                     _peak(workers, child.pid)
+                    _peak(by_task.setdefault(task, {"rss": 0, "anon": 0}), child.pid)
         except (psutil.Error, OSError):            # a process that just ended
             pass
         time.sleep(0.5)
@@ -173,7 +176,9 @@ def memory_check(n: int, tmp: Path) -> dict[str, Any]:
     return {"images": n, "seconds": time.perf_counter() - start,
             "driver_peak_mib": driver["rss"] / 2**20, "worker_peak_mib": workers["rss"] / 2**20,
             "driver_anon_peak_mib": driver["anon"] / 2**20,
-            "worker_anon_peak_mib": workers["anon"] / 2**20}
+            "worker_anon_peak_mib": workers["anon"] / 2**20,
+            "worker_peaks_mib_by_task": {task: {k: v / 2**20 for k, v in peak.items()}
+                                         for task, peak in sorted(by_task.items())}}
 
 
 def _peak(peaks: dict[str, int], pid: int) -> None:
