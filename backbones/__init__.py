@@ -13,11 +13,14 @@ factory named ``package.module:factory`` (``backbones.plugins``).
 """
 from __future__ import annotations
 
-from .base import SplitBackbone
+import importlib
+
+from .base import Preprocessing, SplitBackbone
 from .registry import REGISTRY, UnusableNameError, WeightsError, describe_weights
-from . import torchvision_models  # noqa: F401  (registers the torchvision entries)
 from . import embedded  # noqa: F401  (registers tiny_vgg and tiny_resnet)
-from .torchvision_models import Preprocessing, weights_preprocessing
+
+# the torchvision entries register when a name is first looked for beyond the embedded ones
+REGISTRY.defer(lambda: importlib.import_module("backbones.torchvision_models"))
 
 _DEFAULT = object()
 
@@ -43,6 +46,7 @@ def preprocessing(name: str, weights=_DEFAULT) -> Preprocessing:
     at the entry's input size (``Preprocessing.resize`` None)."""
     meta = REGISTRY.get(name).meta
     if meta.get("preprocessing") == "weights":
+        from .torchvision_models import weights_preprocessing
         return weights_preprocessing(meta["weights_enum"],
                                      meta["default_weights"] if weights is _DEFAULT else weights)
     return Preprocessing(crop=tuple(meta.get("input_size", (224, 224))))

@@ -15,12 +15,26 @@ mask the *normalised* input (RISE's own code, the L-CAM authors' Score-CAM) call
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are prepared for a backbone: the shorter side resized to ``resize`` (None:
+    the data layer's rule, 256/224 of the crop) with ``interpolation``, then a center crop of
+    ``crop``; ``mean``/``std`` are the weights' own (the backbone normalises inside)."""
+
+    crop: tuple[int, int]
+    resize: int | None = None
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
 
 class SplitBackbone(nn.Module):

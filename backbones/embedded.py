@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
 
 from .base import SplitBackbone
-from .registry import REGISTRY, WeightsError
+from .registry import (REGISTRY, WeightsError, classes_in_state, last_layer_outputs,
+                       load_into)
 
 VERSION = 1
 INPUT_SIZE = 64
@@ -94,6 +94,7 @@ class TinyResNet(nn.Module):
 
     @staticmethod
     def _stage(cin: int, cout: int, stride: int) -> nn.Sequential:
+        from torchvision.models.resnet import BasicBlock, conv1x1   # only when one is built
         down = None
         if stride != 1 or cin != cout:
             down = nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
@@ -151,14 +152,20 @@ def _model_from_file(name: str, path: Path) -> tuple[nn.Module, str, dict]:
     side = path.with_suffix(".json")
     info = json.loads(side.read_text()) if side.is_file() else {}
     model = ARCHS[name]()
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:            # not a torch file, truncated, pickled objects
+        raise WeightsError(f"weights: {str(path)!r} is not a readable state_dict file "
+                           f"({type(err).__name__}: {str(err).strip()[:400]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        raise WeightsError(f"weights: {str(path)!r} is not a {name} state_dict: "
-                           f"{str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights: {str(path)!r} holds a {type(state).__name__}, not a "
+                           "state_dict")
+    classes = classes_in_state(state, model)       # trained on a data set of its own
+    if classes is not None:
+        model = ARCHS[name](num_classes=classes)
+    load_into(model, state, str(path), name)
     wid = (f"embedded:{path.stem}:{info['weights_hash']}" if info.get("weights_hash")
            else f"file:{path.name}")
     return model, wid, info
@@ -181,8 +188,10 @@ def _build(name: str, weights, seed: int) -> SplitBackbone:
     body, tail = _split(name, model)
     layer, k = SPLITS[name]
     bb = SplitBackbone(name=name, body=body, tail=tail, feature_layer=layer,
-                       feature_channels=k, num_classes=NUM_CLASSES, weights_id=wid,
-                       input_size=(INPUT_SIZE, INPUT_SIZE), class_names=list(CLASS_NAMES))
+                       feature_channels=k, num_classes=last_layer_outputs(model),
+                       weights_id=wid, input_size=(INPUT_SIZE, INPUT_SIZE),
+                       class_names=list(CLASS_NAMES)
+                       if last_layer_outputs(model) == NUM_CLASSES else None)
     bb.weights_info = info
     return bb
 

@@ -84,6 +84,19 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._plugins: dict[str, Entry | UnusableNameError] = {}   # resolved once per process
         self._refused: dict[str, str] = {}
+        self._deferred: list[Callable[[], Any]] = []
+
+    def defer(self, load: Callable[[], Any]) -> None:
+        """Register more entries only when they are first looked for: ``load()`` (an import
+        that registers them) runs on the first miss or listing, once. Torchvision's entries
+        are deferred so that what needs only the embedded ones (``validate`` of the smoke
+        spec) does not import torchvision (6 s here, through ``torch._dynamo``)."""
+        self._deferred.append(load)
+
+    def _complete(self) -> dict[str, Entry]:
+        while self._deferred:
+            self._deferred.pop(0)()
+        return self._entries
 
     def register(self, name: str | None = None, **meta: Any) -> Callable:
         def decorate(factory: Callable) -> Callable:
@@ -108,6 +121,8 @@ class Registry:
         if not isinstance(name, str):
             raise UnknownNameError(self.unknown_message(name))
         if name in self._entries:
+            return self._entries[name]
+        if name in self._complete():
             return self._entries[name]
         if name in self._refused:
             raise UnusableNameError(f"{self.kind} {name!r} is refused: {self._refused[name]}")
@@ -143,26 +158,27 @@ class Registry:
 
     def names(self) -> list[str]:
         """The built-in entries (plugins: ``plugin_names``)."""
-        return sorted(self._entries)
+        return sorted(self._complete())
 
     def plugin_names(self) -> list[str]:
         """The installed plugins of this registry's entry-point group (not imported)."""
         if self.plugin_group is None:
             return []
         from backbones import plugins
-        return sorted(set(plugins.entry_points(self.plugin_group)) - set(self._entries))
+        return sorted(set(plugins.entry_points(self.plugin_group)) - set(self._complete()))
 
     def refused(self) -> dict[str, str]:
+        self._complete()
         return dict(self._refused)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries or name in self.plugin_names()
+        return name in self._entries or name in self._complete() or name in self.plugin_names()
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(self._entries[k] for k in self.names())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._complete())
 
 
 # -- the backbone registry and the weights resolution shared by its entries ----------
@@ -192,12 +208,70 @@ def describe_weights(weights) -> str:
     return str(weights)
 
 
-def build_torchvision(builder, enum_name: str, weights, seed: int) -> tuple[nn.Module, str]:
-    """Instantiate a torchvision model with ``weights`` resolved as documented in ``load``."""
+def last_layer_outputs(model: nn.Module) -> int:
+    """The number of outputs of a classifier: those of its last Linear (or 1x1 class conv,
+    SqueezeNet's) layer, in the order the model registers its modules."""
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    return int(last.out_features if isinstance(last, nn.Linear) else last.out_channels)
+
+
+def classes_in_state(state: dict, model: nn.Module) -> int | None:
+    """The number of classes a state_dict was trained for, when it differs from ``model``'s:
+    the first dimension of the tensors whose shapes differ from the model's only there
+    (the classifier's weight and bias, an auxiliary classifier's). None when the shapes
+    agree (or differ elsewhere: then ``load_state_dict`` says where)."""
+    own = model.state_dict()
+    outputs = {int(v.shape[0]) for k, v in state.items()
+               if k in own and hasattr(v, "shape") and v.dim() >= 1
+               and tuple(v.shape) != tuple(own[k].shape)
+               and tuple(v.shape[1:]) == tuple(own[k].shape[1:])}
+    return outputs.pop() if len(outputs) == 1 else None
+
+
+def _read_state(path: Path, text: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:            # not a torch file, truncated, pickled objects
+        raise WeightsError(f"weights: {text!r} is not a readable state_dict file "
+                           f"({type(err).__name__}: {str(err).strip()[:400]}). Save it with "
+                           "torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights: {text!r} holds a {type(state).__name__}, not a state_dict "
+                           "(a mapping of parameter names to tensors). Save it with "
+                           "torch.save(model.state_dict(), path)")
+    return state
+
+
+def load_into(model: nn.Module, state: dict, text: str, arch: str) -> None:
+    """``model.load_state_dict(state)``, or ``WeightsError`` naming the file ``text``: one of
+    another architecture (no parameter name in common: the names it has), or what differs."""
+    own = model.state_dict()
+    if not set(own) & set(state):
+        keys = ", ".join(repr(k) for k in list(state)[:5]) or "none"
+        raise WeightsError(f"weights: {text!r} holds no {arch} parameters (its keys: {keys}"
+                           f"{', ...' if len(state) > 5 else ''}): the weights of another "
+                           "model, or not a state_dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise WeightsError(f"weights: {text!r} is not a {arch} state_dict: "
+                           f"{str(err).strip()[:1500]}") from None
+
+
+def build_torchvision(builder, enum_name: str, weights, seed: int,
+                      num_classes: int | None = None) -> tuple[nn.Module, str]:
+    """Instantiate a torchvision model with ``weights`` resolved as documented in ``load``.
+
+    A state_dict file may be of a model fine-tuned on other classes: its number of classes
+    is read from the file (``classes_in_state``), or given (``num_classes``), and the model is
+    built with that many outputs."""
+    kwargs = {"num_classes": int(num_classes)} if num_classes else {}
     if weights is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return builder(weights=None), "random-init"
+            return builder(weights=None, **kwargs), "random-init"
     text = str(weights)
     looks_like_path = os.sep in text or text.endswith((".pth", ".pt", ".bin")) or Path(text).exists()
     if looks_like_path:
@@ -205,16 +279,17 @@ def build_torchvision(builder, enum_name: str, weights, seed: int) -> tuple[nn.M
         if not path.is_file():
             raise WeightsError(f"weights: file {text!r} does not exist. Give a torchvision "
                                "weights name such as 'IMAGENET1K_V1' or an existing state_dict file.")
-        model = builder(weights=None)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise WeightsError(f"weights: {text!r} is not a {builder.__name__} state_dict: "
-                               f"{str(err).splitlines()[0]}") from None
+        state = _read_state(path, text)
+        model = builder(weights=None, **kwargs)
+        found = None if kwargs else classes_in_state(state, model)
+        if found is not None:
+            model = builder(weights=None, num_classes=found)
+        load_into(model, state, text, builder.__name__)
         return model, f"file:{path.name}"
+    if kwargs:
+        raise WeightsError(f"weights: {text!r} are ImageNet's 1000-class weights; "
+                           f"num_classes: {num_classes} needs a state_dict file of that many "
+                           "classes (or weights: null for random init)")
     names = _weights_names(enum_name)
     if text == "DEFAULT":
         raise WeightsError(f"weights: 'DEFAULT' is refused because it changes meaning between "

@@ -41,8 +41,8 @@ from typing import Callable
 from torch import nn
 from torchvision import models
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, SplitBackbone
-from .registry import REGISTRY, build_torchvision
+from .base import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, SplitBackbone  # noqa: F401
+from .registry import REGISTRY, build_torchvision, last_layer_outputs
 
 
 def _vgg_split(model: nn.Module, cut: int):
@@ -55,50 +55,40 @@ def _vgg_split(model: nn.Module, cut: int):
 @REGISTRY.register("vgg16", paper="Simonyan & Zisserman 2015", feature_layer="features.29",
                    feature_shape=(512, 14, 14), family="torchvision", input_size=(224, 224),
                    weights_enum="VGG16_Weights")
-def vgg16(weights="IMAGENET1K_V1", seed: int = 0) -> SplitBackbone:
-    model, wid = build_torchvision(models.vgg16, "VGG16_Weights", weights, seed)
+def vgg16(weights="IMAGENET1K_V1", seed: int = 0, num_classes: int | None = None) -> SplitBackbone:
+    model, wid = build_torchvision(models.vgg16, "VGG16_Weights", weights, seed, num_classes)
     body, tail = _vgg_split(model, 30)
     return SplitBackbone(name="vgg16", body=body, tail=tail, feature_layer="features.29",
-                         feature_channels=512, num_classes=1000, weights_id=wid)
+                         feature_channels=512, num_classes=last_layer_outputs(model),
+                         weights_id=wid)
 
 
 @REGISTRY.register("vgg16_7x7", paper="Simonyan & Zisserman 2015; L-CAM-Img dagger",
                    feature_layer="features.30", feature_shape=(512, 7, 7), family="torchvision",
                    input_size=(224, 224),
                    weights_enum="VGG16_Weights")
-def vgg16_7x7(weights="IMAGENET1K_V1", seed: int = 0) -> SplitBackbone:
-    model, wid = build_torchvision(models.vgg16, "VGG16_Weights", weights, seed)
+def vgg16_7x7(weights="IMAGENET1K_V1", seed: int = 0, num_classes: int | None = None) -> SplitBackbone:
+    model, wid = build_torchvision(models.vgg16, "VGG16_Weights", weights, seed, num_classes)
     body, tail = _vgg_split(model, 31)
     return SplitBackbone(name="vgg16_7x7", body=body, tail=tail, feature_layer="features.30",
-                         feature_channels=512, num_classes=1000, weights_id=wid)
+                         feature_channels=512, num_classes=last_layer_outputs(model),
+                         weights_id=wid)
 
 
 @REGISTRY.register("resnet50", paper="He et al. 2016", feature_layer="layer4",
                    feature_shape=(2048, 7, 7), family="torchvision", input_size=(224, 224),
                    weights_enum="ResNet50_Weights")
-def resnet50(weights="IMAGENET1K_V1", seed: int = 0) -> SplitBackbone:
-    model, wid = build_torchvision(models.resnet50, "ResNet50_Weights", weights, seed)
+def resnet50(weights="IMAGENET1K_V1", seed: int = 0, num_classes: int | None = None) -> SplitBackbone:
+    model, wid = build_torchvision(models.resnet50, "ResNet50_Weights", weights, seed, num_classes)
     body = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
                          model.layer1, model.layer2, model.layer3, model.layer4)
     tail = nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
     return SplitBackbone(name="resnet50", body=body, tail=tail, feature_layer="layer4",
-                         feature_channels=2048, num_classes=1000, weights_id=wid)
+                         feature_channels=2048, num_classes=last_layer_outputs(model),
+                         weights_id=wid)
 
 
 # -- every other torchvision classification CNN --------------------------------------------------
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images are prepared for a backbone: the shorter side resized to ``resize`` (None:
-    the data layer's rule, 256/224 of the crop) with ``interpolation``, then a center crop of
-    ``crop``; ``mean``/``std`` are the weights' own (the backbone normalises inside)."""
-
-    crop: tuple[int, int]
-    resize: int | None = None
-    interpolation: str = "bilinear"
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-
 def default_weights_name(enum) -> str:
     """``IMAGENET1K_V1``, or the enum's first member where it has none."""
     return "IMAGENET1K_V1" if "IMAGENET1K_V1" in enum.__members__ else next(iter(enum)).name
@@ -270,26 +260,29 @@ def _torchvision_builder(name: str) -> Callable:
     """``models.<name>`` without the init-scheme FutureWarning of GoogLeNet/Inception-v3."""
     fn = getattr(models, name)
 
-    def build(weights=None):
+    def build(weights=None, **kwargs):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning,
                                     message="The default weight initialization")
-            return fn(weights=weights)
+            return fn(weights=weights, **kwargs)
 
     build.__name__ = name
     return build
 
 
-def torchvision_model(builder: str, weights=None, seed: int = 0) -> tuple[nn.Module, str]:
+def torchvision_model(builder: str, weights=None, seed: int = 0,
+                      num_classes: int | None = None) -> tuple[nn.Module, str]:
     """The unsplit torchvision model and its weights id (weights as in ``build_torchvision``)."""
     enum_name = models.get_model_weights(builder).__name__
-    return build_torchvision(_torchvision_builder(builder), enum_name, weights, seed)
+    return build_torchvision(_torchvision_builder(builder), enum_name, weights, seed,
+                             num_classes)
 
 
-def family_backbone(family: Family, builder: str, weights, seed: int = 0) -> SplitBackbone:
+def family_backbone(family: Family, builder: str, weights, seed: int = 0,
+                    num_classes: int | None = None) -> SplitBackbone:
     """Build ``builder`` of ``family`` (weights as in ``build_torchvision``) and split it."""
     enum_name = models.get_model_weights(builder).__name__
-    model, wid = torchvision_model(builder, weights, seed)
+    model, wid = torchvision_model(builder, weights, seed, num_classes)
     body, tail = family.split(model)
     pre = weights_preprocessing(enum_name, weights)
     mean, std = pre.mean, pre.std
@@ -297,8 +290,8 @@ def family_backbone(family: Family, builder: str, weights, seed: int = 0) -> Spl
         mean = std = (0.5, 0.5, 0.5)
     layer, k, _ = family.members[builder]
     return SplitBackbone(name=builder, body=body, tail=tail, feature_layer=layer,
-                         feature_channels=k, num_classes=1000, weights_id=wid,
-                         input_size=pre.crop, mean=mean, std=std)
+                         feature_channels=k, num_classes=last_layer_outputs(model),
+                         weights_id=wid, input_size=pre.crop, mean=mean, std=std)
 
 
 def _register(family: Family, builder: str) -> None:
@@ -306,8 +299,8 @@ def _register(family: Family, builder: str) -> None:
     default = default_weights_name(enum)
     layer, k, p = family.members[builder]
 
-    def factory(weights=default, seed: int = 0) -> SplitBackbone:
-        return family_backbone(family, builder, weights, seed)
+    def factory(weights=default, seed: int = 0, num_classes: int | None = None) -> SplitBackbone:
+        return family_backbone(family, builder, weights, seed, num_classes)
 
     factory.__name__ = builder
     REGISTRY.register(builder, paper=family.paper, family=family.name, feature_layer=layer,

@@ -109,6 +109,26 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def content_digest(path: str | Path) -> str:
+    """``file_hash`` of ``path``, remembered by (absolute path, size, modification time) in
+    the cache (``digests/``), so that a 528 MB weights file is hashed once, not every run;
+    a file changed under the same name has another size or time and is hashed again."""
+    path = Path(path).expanduser().resolve()
+    st = path.stat()
+    key = hashlib.sha256(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    memo = cache_dir() / "digests" / f"{key}.json"
+    stamp = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        known = json.loads(memo.read_text())
+        if {k: known.get(k) for k in stamp} == stamp and known.get("digest"):
+            return known["digest"]
+    except (OSError, ValueError):
+        pass
+    digest = file_hash(path)
+    write_text_atomic(memo, json.dumps({**stamp, "digest": digest}))
+    return digest
+
+
 def file_lock(path: str | Path) -> FileLock:
     """An exclusive lock (``filelock``) held while a shared input is built: the quickstart
     data set, an embedded backbone's weights. Use as ``with file_lock(path): ...``."""

@@ -8,6 +8,7 @@ part of the harness calls, on the driver and in Ray workers alike.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import backbones
@@ -35,5 +36,15 @@ def resolve_weights(name: str, weights: Any = _DEFAULT, progress=None) -> Any:
 
 
 def load_backbone(name: str, weights: Any = _DEFAULT, progress=None, **kwargs) -> SplitBackbone:
-    """``backbones.load(name, weights)`` after ``resolve_weights`` (frozen, eval mode)."""
-    return backbones.load(name, weights=resolve_weights(name, weights, progress), **kwargs)
+    """``backbones.load(name, weights)`` after ``resolve_weights`` (frozen, eval mode).
+
+    Weights from a file are identified by their content: ``weights_id`` ends in
+    ``@<SHA-256 of the file's bytes>`` (``content_digest``, remembered by path, size and
+    time), so a file retrained and saved under the same name gives another id, and every
+    head and shard made from the old one is recomputed instead of answered from the cache."""
+    resolved = resolve_weights(name, weights, progress)
+    bb = backbones.load(name, weights=resolved, **kwargs)
+    if isinstance(resolved, (str, Path)) and Path(str(resolved)).expanduser().is_file():
+        from harness.data.cache import content_digest
+        bb.weights_id = f"{bb.weights_id}@{content_digest(resolved)}"
+    return bb

@@ -17,13 +17,15 @@ at all.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from harness.data.cache import file_lock, stable_hash
 
 INDEX = "index.json"
 ARRAY = "images.npy"
-VERSION = 1
+VERSION = 2         # 2: index.json records the data set's name and the pixels' digest
 
 
 class Prepared:
@@ -48,7 +50,9 @@ class Prepared:
         self.ids, self.labels = index["ids"], index["labels"]
         self._paths = index["paths"]        # strings: a Path is ~300 bytes more an image
         self.list_hash, self.classes = index["list_hash"], index["classes"]
-        self.info = {"kind": index["kind"]}
+        self.name = index.get("name", index["kind"])
+        self.pixels = index.get("pixels")   # SHA-256 of the decoded pixels (pixels_digest)
+        self.info = {"kind": index["kind"], "name": self.name}
         self._array = np.load(self.path / ARRAY, mmap_mode="r")
 
     def __len__(self) -> int:
@@ -74,21 +78,80 @@ class Prepared:
         return torch.from_numpy(np.array(raw)).float().div_(255)     # a copy: not the map
 
 
-def identity(images, list_hash: str) -> dict:
-    """What determines the prepared pixels: the image set and the list it resolved to."""
-    return {"images": images.identity(), "list": list_hash, "version": VERSION}
+@dataclass(frozen=True)
+class PreparedRef:
+    """A prepared set as the evaluation's workers receive it: its folder's name, the list
+    hash it was made from and, on a cluster of several nodes, its files in Ray's object store
+    (``data``: an object reference to ``{file name: bytes}``). A worker reads the set from
+    its node's cache, written from ``data`` on first use: the driver decodes the evaluation
+    images once, and no node needs the images themselves (they may be in an object store
+    only: ``harness.data.sources``)."""
+
+    name: str
+    list_hash: str
+    data: Any = None
+
+    def local(self, root: Path) -> "Prepared | None":
+        """The set in ``root``'s cache (written there from ``data`` when missing), or None
+        when it is missing and there is no data to write it from."""
+        dest = Path(root) / "prepared" / self.name
+        if not (dest / INDEX).is_file():
+            if self.data is None:
+                return None
+            import ray
+            files = ray.get(self.data) if isinstance(self.data, ray.ObjectRef) else self.data
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with file_lock(dest.with_name(dest.name + ".lock")):
+                if not (dest / INDEX).is_file():
+                    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+                    try:
+                        for name in (ARRAY, INDEX):          # the index last: the "done" mark
+                            (tmp / name).write_bytes(files[name])
+                        os.replace(tmp, dest)
+                    finally:
+                        shutil.rmtree(tmp, ignore_errors=True)
+        return Prepared(dest)
 
 
-def folder(root: Path, images, list_hash: str) -> Path:
+def ref_of(prepared: "Prepared", ship: bool) -> PreparedRef:
+    """``prepared`` as a ``PreparedRef``; ``ship``: its files put in Ray's object store once
+    (a cluster of several nodes)."""
+    data = None
+    if ship:
+        import ray
+        data = ray.put({name: (prepared.path / name).read_bytes() for name in (ARRAY, INDEX)})
+    return PreparedRef(prepared.path.name, prepared.list_hash, data)
+
+
+def identity(images, list_hash: str, files: str | None = None) -> dict:
+    """What determines the prepared pixels: the image set, the list it resolved to and the
+    digest of the files listed (names, sizes, modification times: a file changed under the
+    same name is decoded again)."""
+    out = {"images": images.identity(), "list": list_hash, "version": VERSION}
+    if files is not None:
+        out["files"] = files
+    return out
+
+
+def folder(root: Path, images, list_hash: str, files: str | None = None) -> Path:
     """The prepared set's folder (the same on every node for the same images)."""
-    return Path(root) / "prepared" / stable_hash(identity(images, list_hash), 16)
+    return Path(root) / "prepared" / stable_hash(identity(images, list_hash, files), 16)
+
+
+def pixels_digest(array: np.ndarray) -> str:
+    """16 hex digits of SHA-256 over the decoded pixels: what a shard's identity names."""
+    h = hashlib.sha256()
+    step = max(1, (64 << 20) // max(1, array[0].nbytes if len(array) else 1))
+    for start in range(0, len(array), step):
+        h.update(np.ascontiguousarray(array[start:start + step]).tobytes())
+    return h.hexdigest()[:16]
 
 
 def prepare(images, dataset, root: Path, workers: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> Prepared:
     """The prepared set of ``dataset`` (an ``ImageDataset`` built from ``images``), decoding
     every image once on first use (see the module docstring)."""
-    dest = folder(root, images, dataset.list_hash)
+    dest = folder(root, images, dataset.list_hash, dataset.info.get("files"))
     dest.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(dest.with_name(dest.name + ".lock")):
         if not (dest / INDEX).is_file():
@@ -99,7 +162,7 @@ def prepare(images, dataset, root: Path, workers: int | None = None,
 
 
 def _write(images, dataset, dest: Path, workers: int, progress) -> None:
-    from harness.data.images import load_image, make_transform
+    from harness.data.images import make_transform
     info = dataset.info
     kind, crop = info.get("kind", images.kind), tuple(info.get("crop", images.input_size))
     transform = make_transform(crop, False, kind, info.get("resize"),
@@ -110,7 +173,7 @@ def _write(images, dataset, dest: Path, workers: int, progress) -> None:
                                           shape=(len(dataset), 3, *crop))
 
         def one(i: int) -> int:
-            array[i] = transform(load_image(dataset.path_of(i))).numpy()
+            array[i] = transform(dataset.load(i)).numpy()
             return i
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -121,7 +184,8 @@ def _write(images, dataset, dest: Path, workers: int, progress) -> None:
         (tmp / INDEX).write_text(json.dumps({
             "ids": [str(i) for i in dataset.ids], "labels": [int(v) for v in dataset.labels],
             "paths": [str(dataset.path_of(i)) for i in range(len(dataset))],
-            "list_hash": dataset.list_hash, "kind": kind, "classes": dataset.classes}))
+            "list_hash": dataset.list_hash, "kind": kind, "classes": dataset.classes,
+            "name": dataset.name, "pixels": pixels_digest(array)}))
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

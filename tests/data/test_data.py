@@ -165,7 +165,10 @@ def test_seeded_random_draw_and_limit(tree):
     draws = {tuple(build_dataset("imagenet", "val", 224, root=tree, random_count=2,
                                  seed=s).ids) for s in range(8)}
     assert len(draws) > 1
-    assert build_dataset("imagenet", "val", 224, root=tree, limit=2).ids == full.ids[:2]
+    # limit spreads over the classes: the first image of each class (a class-sorted folder's
+    # first two images would both be n01's)
+    firsts = [next(i for i in full.ids if i.startswith(c)) for c in ("n01/", "n02/")]
+    assert build_dataset("imagenet", "val", 224, root=tree, limit=2).ids == firsts
     with pytest.raises(DataError, match="random_count 9 exceeds the 5 images"):
         build_dataset("imagenet", "val", 224, root=tree, random_count=9)
 
@@ -199,3 +202,12 @@ def test_a_training_set_is_not_decoded_up_front_and_skips_a_bad_image_when_read(
     stop = build_dataset("imagenet", "train", 224, root=tree, train=True, on_bad_image="stop")
     with pytest.raises(DataError, match="n02_1.JPEG"):
         stop[1]
+
+
+def test_limit_spreads_over_the_classes_in_list_order():
+    from harness.data.images import spread
+    labels = [0, 0, 0, 1, 1, 2, 0, 2]
+    assert spread(labels, 3) == [0, 3, 5]              # one of each class
+    assert spread(labels, 5) == [0, 1, 3, 4, 5]        # then the second of each
+    assert spread(labels, 20) == list(range(8))
+    assert spread([5, 1, 5, 1], 2) == [0, 1]           # classes in order of appearance

@@ -183,13 +183,22 @@ def test_weights_are_reused_and_loadable_from_a_file(trained, name, monkeypatch,
     again = load_backbone(name)                               # no training: the cached file
     assert path.stat().st_mtime_ns == mtime and again.weights_id == nets[name].weights_id
     state = torch.load(path, map_location="cpu", weights_only=True)
-    assert again.weights_id.endswith(":" + backbone_files.state_hash(state))
+    from harness.data.cache import file_hash
+    # the weights' own hash (from the sidecar), then the content of the file it was read from
+    assert again.weights_id == (f"embedded:{path.stem}:{backbone_files.state_hash(state)}"
+                                f"@{file_hash(path)}")
     from_file = backbones.load(name, weights=str(path))     # the file with its sidecar
-    assert from_file.weights_id == again.weights_id
+    assert again.weights_id.startswith(from_file.weights_id + "@")
     assert from_file.weights_info["val_accuracy"] == nets[name].weights_info["val_accuracy"]
     bare = tmp_path / "mine.pt"                             # the same weights, no sidecar
     bare.write_bytes(path.read_bytes())
     assert backbones.load(name, weights=str(bare)).weights_id == "file:mine.pt"
+    assert load_backbone(name, weights=str(bare)).weights_id == f"file:mine.pt@{file_hash(path)}"
+    # retrained and saved under the same name: another id (the caches keyed by it recompute)
+    changed = {k: v + 1e-3 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(changed, bare)
+    assert load_backbone(name, weights=str(bare)).weights_id == f"file:mine.pt@{file_hash(bare)}"
+    assert file_hash(bare) != file_hash(path)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(from_file(x), nets[name](x))
@@ -198,5 +207,5 @@ def test_weights_are_reused_and_loadable_from_a_file(trained, name, monkeypatch,
     with pytest.raises(WeightsError, match="load_backbone"):
         backbones.load(name)                # 'embedded' is the harness's to resolve
     other = embedded.weights_path("tiny_resnet" if name == "tiny_vgg" else "tiny_vgg")
-    with pytest.raises(WeightsError, match=f"is not a {name} state_dict"):
+    with pytest.raises(WeightsError, match=f"holds no {name} parameters"):
         backbones.load(name, weights=str(other))

@@ -9,7 +9,7 @@ from unittest import mock
 import torch
 
 from harness.data import images as images_module
-from harness.data.prepared import Prepared, prepare
+from harness.data.prepared import Prepared, prepare, ref_of
 from harness.pipeline import shards
 from harness.pipeline.plan import EvaluationPlan, ImageSet
 from harness.metrics.protocol import PAPER, PAPER_FRACTIONS
@@ -67,7 +67,7 @@ def test_every_method_of_a_backbone_reads_the_prepared_set_no_decode(tmp_path, t
                         display_name=method, variant="paper", params={}, row=1,
                         family="gradient", forward_passes=1)
             result = shards.run_shard(shards.ShardJob(
-                cell=cell, images=images, list_hash=prepared.list_hash,
+                cell=cell, images=images, prepared=ref_of(prepared, ship=False),
                 weights_id=tiny_backbone.weights_id, evaluation=ev, head=None, seed=0, shard=0,
                 indices=tuple(range(6))))
             summary = result["summary"]
