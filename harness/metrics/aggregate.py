@@ -4,10 +4,10 @@ The evaluation writes one row per image (``harness.pipeline.shards``); its colum
 
     image_id, class_explained, ground_truth, Y, O_<k> for every kept fraction <k> (percent),
     degenerate, forward_passes (measured), seconds (explanation wall time per image), shard,
-    and the localisation energy shares (``harness.metrics.localisation.COLUMNS``); when
-    ``evaluation.metrics`` asks for them, ``deletion_auc``, ``insertion_auc`` and their
-    forwards ``deletion_forward_passes``, ``insertion_forward_passes``
-    (``harness.metrics.causal``)
+    and the localisation energy shares (``harness.metrics.localisation.COLUMNS``); then the
+    columns each metric ``evaluation.metrics`` lists declares (``Metric.columns``,
+    ``harness.metrics.registry``), e.g. ``deletion_auc`` and ``deletion_forward_passes``
+    (``harness.metrics.causal``), ``road_morf``, ``road_lerf`` (``harness.metrics.road``)
 
 ``aggregate`` computes the run's numbers from them (docs/protocol.md section 2) and refuses
 partial or doubled data: a result is reported from exactly the images planned, each once.
@@ -52,12 +52,7 @@ def aggregate(table: pa.Table, fractions: Sequence[float], nominal_fw: int,
     ids = table.column("image_id").to_pylist()
     if len(set(ids)) != n:
         raise RuntimeError("evaluation rows contain duplicated image ids")
-    y = torch.tensor(table.column("Y").to_pylist(), dtype=torch.float64)
-    out: dict[str, float] = {}
-    for f, col in zip(fractions, columns(fractions)):
-        o = torch.tensor(table.column(col).to_pylist(), dtype=torch.float64)
-        out[f"AD_{fraction_key(f)}"] = average_drop(y, o)
-        out[f"IC_{fraction_key(f)}"] = increase_in_confidence(y, o)
+    out: dict[str, float] = dict(_ad_ic(fractions).aggregate(table))
     fw = table.column("forward_passes").to_pylist()
     secs = table.column("seconds").to_pylist()
     out["FW"] = float(nominal_fw)
@@ -65,12 +60,23 @@ def aggregate(table: pa.Table, fractions: Sequence[float], nominal_fw: int,
     out["seconds_per_image"] = float(sum(secs) / n) if n else math.nan
     out["degenerate_maps"] = float(sum(table.column("degenerate").to_pylist()))
     out["images"] = float(n)
-    for metric in CAUSAL:              # deletion/insertion, when the rows have them
-        if f"{metric}_auc" in table.column_names:
-            out[f"{metric}_auc"] = float(np.mean(table.column(f"{metric}_auc").to_numpy()))
-            out[f"FW_{metric}"] = float(np.mean(
-                table.column(f"{metric}_forward_passes").to_numpy()))
+    for metric in listed(table):       # deletion, insertion, road, ...: when the rows have them
+        out.update(metric.aggregate(table))
     return out
+
+
+def _ad_ic(fractions):
+    from harness.metrics import registry
+    return registry.create("ad_ic", {"fractions": tuple(fractions)})
+
+
+def listed(table) -> list:
+    """The metrics a spec may list (not the ``always`` ones) whose columns ``table`` has,
+    with their default settings, in registry order."""
+    from harness.metrics import registry
+    have = set(table.column_names)
+    return [m for m in (cls() for cls in registry.classes() if not cls.always
+                        and cls.stage == "image") if set(m.columns()) <= have]
 
 
 CAUSAL = ("deletion", "insertion")
@@ -86,17 +92,9 @@ def per_image_terms(table: pa.Table, fractions: Sequence[float]) -> dict[str, np
     ``AD_<k>`` (100 max(0, Y - O) / Y, 0 where Y <= 0), ``IC_<k>`` (100 [O > Y]), the
     causal AUCs and the localisation shares present in ``table``. Each metric of
     ``aggregate`` / ``energy_metrics`` is the mean (NaNs left out) of its terms."""
-    y = np.asarray(table.column("Y").to_numpy(), dtype=np.float64)
-    out: dict[str, np.ndarray] = {}
-    for f, col in zip(fractions, columns(fractions)):
-        o = np.asarray(table.column(col).to_numpy(), dtype=np.float64)
-        safe = np.where(y > 0, y, 1.0)
-        out[f"AD_{fraction_key(f)}"] = np.where(y > 0, 100.0 * np.maximum(y - o, 0) / safe, 0.0)
-        out[f"IC_{fraction_key(f)}"] = 100.0 * (o > y)
-    for metric in CAUSAL:
-        if f"{metric}_auc" in table.column_names:
-            out[f"{metric}_auc"] = np.asarray(table.column(f"{metric}_auc").to_numpy(),
-                                              dtype=np.float64)
+    out: dict[str, np.ndarray] = dict(_ad_ic(fractions).terms(table))
+    for metric in listed(table):
+        out.update(metric.terms(table))
     for col, metric in LOCALISATION.items():
         if col in table.column_names:
             values = table.column(col).to_pylist()

@@ -19,17 +19,21 @@ T + 1 forwards per image (k = 0 included), reported apart from the explanation's
 
 Canvases (``evaluation.causal_canvas``):
 
-- ``rise`` (default): as RISE's evaluation code: deletion replaces pixels by the dataset's
-  mean colour (its code writes zeros into the *normalised* tensor), insertion starts from a
-  blurred copy of the image;
-- ``blur``: the blurred copy for both; ``black``: pixel value 0 (the AD/IC fill) for both;
-  ``mean``: the mean colour (the backbone's normalisation mean) for both.
+- ``rise`` (default): RISE's evaluation code (``CausalMetric`` with its ``gkern(11, 5)``
+  substrate), exactly: deletion replaces pixels by the dataset's mean colour (its code
+  writes zeros into the *normalised* tensor), insertion starts from RISE's blur (below);
+- ``blur``: our Gaussian blur for both; ``black``: pixel value 0 (the AD/IC fill) for
+  both; ``mean``: the mean colour (the backbone's normalisation mean) for both.
 
-The blur is a separable Gaussian, 11 taps, sigma 5 (RISE's ``gkern(11, 5)``), normalised
-to sum 1, with replicate padding at the border (RISE's code pads with zeros in normalised
-space, which fades a 5-pixel border towards the mean colour; its taps are scipy's
-``gaussian_filter`` of a delta, reflected at the 11 x 11 window's edge, so they differ
-slightly from ours).
+RISE's blur (``rise_blur``) convolves the normalised tensor with scipy's
+``gaussian_filter(delta, 5)`` of an 11 x 11 delta (``rise_kernel``: 1-D Gaussian taps of
+radius int(4 * 5 + 0.5) = 20, each axis folded back into the 11-pixel window by scipy's
+half-sample reflection, so nearly a box filter: centre 0.00883, corner 0.00774, float32)
+with zero padding. Zeros of the normalised tensor are the mean colour, and a per-channel
+linear filter commutes with the normalisation, so in [0, 1] pixels it is
+``mean + conv(X - mean)``, zero padding of X - mean: a 5-pixel border fades towards the
+mean colour. Our own blur (``blur``, the ``blur`` canvas) is a normalised separable
+Gaussian, 11 taps, sigma 5 (centre 0.01196, corner 0.00440), replicate padding.
 
 Maps are sanitised as for AD/IC (non-finite or constant maps become all zeros; the order of
 an all-zero map is then the raster rule alone). Forwards are batched: at most
@@ -84,7 +88,8 @@ def sanitise(saliency: torch.Tensor) -> torch.Tensor:
 
 
 def blur(images: torch.Tensor, taps: int = BLUR_TAPS, sigma: float = BLUR_SIGMA) -> torch.Tensor:
-    """Separable Gaussian blur of (B, 3, H, W) images, replicate padding (module docstring)."""
+    """Our separable Gaussian blur of (B, 3, H, W) images, normalised taps, replicate
+    padding: the ``blur`` canvas (module docstring; not RISE's, see ``rise_blur``)."""
     r = torch.arange(taps, dtype=torch.float64, device=images.device) - (taps - 1) / 2
     kernel = torch.exp(-r ** 2 / (2 * sigma ** 2))
     kernel = (kernel / kernel.sum()).to(images.dtype)
@@ -95,21 +100,60 @@ def blur(images: torch.Tensor, taps: int = BLUR_TAPS, sigma: float = BLUR_SIGMA)
     return F.conv2d(x, kernel.view(1, 1, taps, 1).expand(c, 1, taps, 1), groups=c)
 
 
+def rise_kernel(taps: int = BLUR_TAPS, sigma: float = BLUR_SIGMA,
+                truncate: float = 4.0) -> torch.Tensor:
+    """RISE's ``gkern(taps, sigma)``: scipy's ``gaussian_filter`` (mode ``reflect``,
+    ``truncate`` 4) of a taps x taps delta, (taps, taps) float64, computed without scipy.
+
+    The 1-D filter has 2r + 1 normalised taps w_i, r = int(truncate * sigma + 0.5); at
+    window position j it sums w_i over the offsets i whose source j + i, reflected into the
+    window (half-sample symmetric: ... c b a | a b c ... | ... c b a ..., period 2 * taps),
+    is the delta's centre. The delta is separable, so the 2-D result is the outer product."""
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * offsets ** 2 / sigma ** 2)
+    weights = weights / weights.sum()
+    centre, line = taps // 2, torch.zeros(taps, dtype=torch.float64)
+    for j in range(taps):
+        for i, w in zip(range(-radius, radius + 1), weights):
+            m = (j + i) % (2 * taps)
+            if (m if m < taps else 2 * taps - 1 - m) == centre:
+                line[j] += w
+    return torch.outer(line, line)
+
+
+def rise_blur(images: torch.Tensor, mean) -> torch.Tensor:
+    """RISE's substrate of (B, 3, H, W) images in [0, 1]: its float32 ``gkern(11, 5)`` on
+    the normalised tensor with zero padding, i.e. ``mean + conv(images - mean)`` (module
+    docstring); ``mean``: the backbone's normalisation mean, per channel."""
+    c, taps = images.shape[1], BLUR_TAPS
+    kernel = rise_kernel().to(torch.float32).to(images.device, images.dtype)
+    mean = torch.as_tensor(mean).to(images.device, images.dtype).reshape(1, -1, 1, 1)
+    out = F.conv2d(images - mean, kernel.view(1, 1, taps, taps).expand(c, 1, taps, taps),
+                   padding=taps // 2, groups=c)
+    return out + mean
+
+
+def _mean(backbone) -> torch.Tensor:
+    """The backbone's normalisation mean (ImageNet's when it has none)."""
+    mean = getattr(backbone, "mean", None)
+    return torch.as_tensor(IMAGENET_MEAN if not isinstance(mean, torch.Tensor) else mean)
+
+
 def canvas(metric: str, kind: str, images: torch.Tensor, backbone=None) -> torch.Tensor:
     """The canvas C of ``metric`` under canvas ``kind`` (module docstring), like ``images``."""
     if kind not in CANVASES:
         raise ValueError(f"canvas must be one of {', '.join(CANVASES)}, got {kind!r}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if kind == "rise":
-        kind = "mean" if metric == "deletion" else "blur"
+    if kind == "rise" and metric == "insertion":
+        return rise_blur(images, _mean(backbone))
     if kind == "blur":
         return blur(images)
     if kind == "black":
         return torch.zeros_like(images)
-    mean = getattr(backbone, "mean", None)
-    mean = torch.as_tensor(IMAGENET_MEAN if not isinstance(mean, torch.Tensor) else mean)
-    return mean.to(images.device, images.dtype).view(1, -1, 1, 1).expand_as(images).clone()
+    mean = _mean(backbone).to(images.device, images.dtype)
+    return mean.view(1, -1, 1, 1).expand_as(images).clone()
 
 
 @torch.no_grad()
@@ -184,4 +228,61 @@ def columns_for(metrics: Sequence[str]) -> tuple[str, ...]:
 
 __all__ = ["CANVASES", "COLUMNS", "METRICS", "area", "blur", "canvas", "columns_for",
            "deletion", "forward_passes", "insertion", "pixel_ranks", "probability_curves",
-           "sanitise", "shard_columns", "step_counts"]
+           "rise_blur", "rise_kernel", "sanitise", "shard_columns", "step_counts"]
+
+
+# -- the registry entries (harness.metrics.registry) ------------------------------------------
+from typing import Literal  # noqa: E402
+
+from pydantic import Field  # noqa: E402
+
+from harness.metrics.base import Metric, MetricSettings, Reported  # noqa: E402
+from harness.metrics.registry import register  # noqa: E402
+
+
+class CausalSettings(MetricSettings):
+    """Deletion's and insertion's settings; a spec's ``evaluation.causal_steps``,
+    ``causal_canvas`` and ``causal_batch_size`` give them to both (an entry ``{name:
+    deletion, steps: 50}`` overrides them for one)."""
+
+    steps: int = Field(224, ge=1, description=(
+        "steps T of the curve (224: RISE's 224 pixels a step at 224x224)"))
+    canvas: Literal["rise", "blur", "black", "mean"] = Field("rise", description=(
+        "rise: deletion to the mean colour, insertion from a blur; or one canvas for both"))
+    batch_size: int = Field(64, ge=1, description="perturbed images per forward")
+
+
+class _Causal(Metric):
+    Settings = CausalSettings
+    paper = "Petsiuk, Das & Saenko, RISE, BMVC 2018"
+
+    def columns(self) -> tuple[str, ...]:
+        return COLUMNS[self.name]
+
+    def forward_passes(self, size=None) -> int:
+        return forward_passes(self.settings.steps)
+
+    def score(self, batch) -> dict[str, list[float]]:
+        s = self.settings
+        return shard_columns(batch.backbone, batch.images, batch.saliency, batch.targets,
+                             (self.name,), s.steps, s.canvas, s.batch_size)
+
+
+@register
+class Deletion(_Causal):
+    """Deletion AUC (module docstring): lower is better; T + 1 forwards per image."""
+
+    name = "deletion"
+    display_name = "Deletion"
+    reported = (Reported("deletion_auc", "lower", "Del↓", column="deletion_auc", digits=3,
+                         label="deletion"),)
+
+
+@register
+class Insertion(_Causal):
+    """Insertion AUC (module docstring): higher is better; T + 1 forwards per image."""
+
+    name = "insertion"
+    display_name = "Insertion"
+    reported = (Reported("insertion_auc", "higher", "Ins↑", column="insertion_auc",
+                         digits=3, label="insertion"),)

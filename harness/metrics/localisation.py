@@ -21,8 +21,9 @@ pixel coordinates (``x1``/``y1`` exclusive; the quickstart's convention); a pixe
 box when its centre ``(c + 0.5, r + 0.5)`` lies inside. Masks are resized with nearest
 neighbour. Sources:
 
-- the quickstart: the sidecar JSON (``box``, ``cue_box``) and ``*.mask.png`` next to each
-  image (``harness.quickstart.annotation``);
+- any image-classification folder, the quickstart's included (``folder_regions``): the
+  split's ``annotations.json`` (``box``, ``cue_box`` per image) and ``<stem>.mask.png``
+  next to each image, either or both (docs/datasets.md);
 - ImageNet validation boxes in PASCAL-VOC XML (``<annotation><size><width>..``,
   ``<object><name>wnid</name><bndbox><xmin>..``), one ``<image stem>.xml`` per image in a
   folder (ILSVRC ``Annotations/CLS-LOC/val``). VOC coordinates are 1-based and inclusive:
@@ -34,6 +35,8 @@ there): ``energy_columns(dataset, indices, maps)``; their means: ``energy_metric
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ Box = tuple[float, float, float, float]
 
 #: Names of the per-image columns written by ``energy_columns`` (NaN where not applicable).
 COLUMNS = ("energy_box", "energy_mask", "energy_cue", "energy_cue_object")
+ANNOTATIONS = "annotations.json"      # a split's boxes (harness.data.folders)
 
 
 # -- the score --------------------------------------------------------------------------------
@@ -224,15 +228,53 @@ class Regions:
     label: int | None = None
 
 
+@functools.lru_cache(maxsize=8)
+def _annotations_file(path: str, mtime_ns: int) -> dict:
+    del mtime_ns                                  # part of the cache key: a new file is read
+    return json.loads(Path(path).read_text())
+
+
+def folder_regions(image_path: str | Path, input_size, kind: str = "folder") -> Regions | None:
+    """The regions of an image of an image-classification folder (``harness.data.folders``):
+    its entry in ``<split>/annotations.json`` (``{"<class>/<file>": {"box": [x0, y0, x1, y1],
+    "cue_box": ...}}``, pixels of the original image, ``x1``/``y1`` exclusive) and its mask
+    ``<stem>.mask.png`` beside it (0/255; the box is then optional: the mask's bounding box).
+    None when the image has neither. The quickstart's images are annotated this way."""
+    path = Path(image_path)
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    mask_file = path.with_name(stem + ".mask.png")
+    ann_file = path.parent.parent / ANNOTATIONS
+    entry = {}
+    if ann_file.is_file():
+        entry = _annotations_file(str(ann_file), ann_file.stat().st_mtime_ns).get(
+            f"{path.parent.name}/{path.name}", {})
+    mask = np.asarray(Image.open(mask_file)) > 127 if mask_file.is_file() else None
+    if mask is not None and mask.ndim == 3:
+        mask = mask.any(axis=2)
+    box = entry.get("box")
+    if box is None and mask is not None and mask.any():
+        rows, cols = np.nonzero(mask)
+        box = [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+    if box is None:
+        return None
+    if mask is not None:
+        h, w = mask.shape
+    else:
+        with Image.open(path) as img:
+            w, h = img.size
+    geo = EvalGeometry.of((h, w), input_size, kind)
+    cue = entry.get("cue_box")
+    return Regions(box=box_mask(geo.box(box), geo.crop),
+                   mask=geo.mask(mask) if mask is not None else None,
+                   cue=box_mask(geo.box(cue), geo.crop) if cue else None, label=entry.get("label"))
+
+
 def quickstart_regions(image_path: str | Path, input_size, kind: str = "quickstart") -> Regions:
     """Object box, object mask and cue box (if any) of a quickstart image, in input pixels."""
-    from harness.data.quickstart import annotation
-    ann = annotation(image_path)
-    h, w = ann["mask"].shape
-    geo = EvalGeometry.of((h, w), input_size, kind)
-    cue = ann.get("cue_box")
-    return Regions(box=box_mask(geo.box(ann["box"]), geo.crop), mask=geo.mask(ann["mask"]),
-                   cue=box_mask(geo.box(cue), geo.crop) if cue else None, label=ann.get("label"))
+    found = folder_regions(image_path, input_size, kind)
+    if found is None:
+        raise ValueError(f"{image_path}: no annotation")
+    return found
 
 
 def voc_regions(xml_path: str | Path, input_size, kind: str = "imagenet",
@@ -248,17 +290,18 @@ def regions_for(image_path: str | Path, input_size, kind: str,
                 voc_dir: str | Path | None = None) -> Regions | None:
     """The regions of one data-set image, or None when it has no annotation.
 
-    Quickstart images: the mask beside them and their split's ``annotations.json``. Otherwise ``voc_dir/<stem>.xml`` when given (the
+    Images of a folder (the quickstart's too): ``folder_regions``. Otherwise
+    ``voc_dir/<stem>.xml`` when given (the
     boxes named after the image's class folder, e.g. its wnid, if there are such).
     """
     path = Path(image_path)
     stem = path.name[: -len(path.suffix)] if path.suffix else path.name
-    from harness.data.quickstart import ANNOTATIONS
-    if (path.parent.parent / ANNOTATIONS).is_file() and path.with_name(stem + ".mask.png").is_file():
-        try:
-            return quickstart_regions(path, input_size, kind)
-        except (ValueError, KeyError, OSError):   # not a quickstart sidecar after all
-            return None
+    try:
+        found = folder_regions(path, input_size, kind)
+    except (ValueError, KeyError, OSError):   # an unreadable annotation: no region
+        found = None
+    if found is not None:
+        return found
     if voc_dir is not None:
         xml = Path(voc_dir) / f"{stem}.xml"
         if xml.is_file():
@@ -336,3 +379,44 @@ __all__ = ["COLUMNS", "EnergyPointingGame", "EvalGeometry", "Regions", "VocAnnot
            "VocObject", "box_mask", "energy_columns", "energy_metrics", "energy_share",
            "parse_voc", "quickstart_regions", "regions_for", "shortcut_shares", "union_mask",
            "voc_regions"]
+
+
+# -- the registry entry (harness.metrics.registry) --------------------------------------------
+from harness.metrics.base import Metric, Reported  # noqa: E402
+from harness.metrics.registry import register  # noqa: E402
+
+_NAN = "NaN where the image has no box (mask, planted cue) annotation"
+
+
+@register
+class Localisation(Metric):
+    """The energy-based pointing game (Wang et al., Score-CAM, CVPR-W 2020): the share of a
+    map's energy inside the object's box (``energy_box``), mask, and on the quickstart's
+    planted cue; higher is better (more of the map on the object). No forwards."""
+
+    name = "localisation"
+    display_name = "Localisation"
+    paper = "Wang et al., Score-CAM (energy-based pointing game), CVPR-W 2020"
+    always = True
+    reported = tuple(Reported(metric, "higher", header, column=col, table=False, digits=3)
+                     for col, metric, header in (
+                         ("energy_box", "localisation_energy", "Energy(box)↑"),
+                         ("energy_mask", "localisation_energy_mask", "Energy(mask)↑"),
+                         ("energy_cue", "localisation_cue_energy", "Energy(cue)↑"),
+                         ("energy_cue_object", "localisation_cue_object_energy",
+                          "Energy(cue, object)↑")))
+    nan_columns = {c: _NAN for c in COLUMNS}
+
+    def columns(self) -> tuple[str, ...]:
+        return COLUMNS
+
+    def identity(self) -> dict:
+        return {}                     # no settings; its columns are in every shard's rows
+
+    def score(self, batch) -> dict[str, list[float]]:
+        if batch.dataset is None:     # nothing annotated to compare with
+            return {c: [math.nan] * len(batch.images) for c in COLUMNS}
+        return energy_columns(batch.dataset, batch.positions(), batch.saliency)
+
+    def aggregate(self, table) -> dict[str, float]:
+        return energy_metrics(table)

@@ -184,3 +184,82 @@ class Evaluator:
             out[f"AD_{key}"] = average_drop(y, o[:, j])
             out[f"IC_{key}"] = increase_in_confidence(y, o[:, j])
         return out
+
+
+# -- the registry entry (harness.metrics.registry) --------------------------------------------
+from pydantic import Field  # noqa: E402
+
+from harness.metrics.base import Metric, MetricSettings, Reported  # noqa: E402
+from harness.metrics.registry import register  # noqa: E402
+
+
+class ADICSettings(MetricSettings):
+    """AD/IC's settings are the spec's ``evaluation.keep_fractions`` and ``.preset``."""
+
+    fractions: tuple[float, ...] = Field(PAPER_FRACTIONS, min_length=1, description=(
+        "kept fractions nu in (0, 1]"))
+    soft: bool = Field(True, description="soft saliency values (False: binary mask)")
+    fill: str = Field("black", description="black | mean")
+    score: str = Field("prob", description="prob | logit")
+
+    def preset(self) -> ProtocolPreset:
+        paper = (self.soft, self.fill, self.score) == (PAPER.soft, PAPER.fill, PAPER.score)
+        return PAPER if paper else ProtocolPreset(name="custom", soft=self.soft,
+                                                  fill=self.fill, score=self.score)
+
+
+@register
+class AverageDropIncrease(Metric):
+    """Average Drop and Increase in Confidence at each kept fraction (module docstring):
+    per image Y and O_<k>; AD_<k> (lower is better) and IC_<k> (higher is better). Its
+    settings are the evaluation's fractions and preset, already in every shard identity."""
+
+    name = "ad_ic"
+    display_name = "AD/IC"
+    paper = "Chattopadhay et al., Grad-CAM++, WACV 2018; the L-CAM paper's Eq. 10-11"
+    Settings = ADICSettings
+    always = True
+    reported = (Reported("AD_{k}", "lower", "AD({k}%)↓", label="AD"),
+                Reported("IC_{k}", "higher", "IC({k}%)↑", label="IC"))
+
+    def columns(self) -> tuple[str, ...]:
+        return ("Y", *(f"O_{fraction_key(f)}" for f in self.settings.fractions))
+
+    def forward_passes(self, size=None) -> int:
+        return len(self.settings.fractions)       # Y comes from the explainer's clean pass
+
+    def identity(self) -> dict:
+        return {}                                  # cell_identity's "fractions" and "preset"
+
+    def score(self, batch) -> dict[str, list[float]]:
+        scores = batch.scores
+        if scores is None:
+            scores = Evaluator(batch.backbone, self.settings.fractions,
+                               self.settings.preset()).evaluate(
+                batch.images, batch.saliency, batch.targets, batch.logits)
+        out = {"Y": [float(v) for v in scores.y]}
+        for j, col in enumerate(self.columns()[1:]):
+            out[col] = [float(v) for v in scores.o[:, j]]
+        return out
+
+    def aggregate(self, table) -> dict[str, float]:
+        y = torch.tensor(table.column("Y").to_pylist(), dtype=torch.float64)
+        out = {}
+        for f in self.settings.fractions:
+            o = torch.tensor(table.column(f"O_{fraction_key(f)}").to_pylist(),
+                             dtype=torch.float64)
+            out[f"AD_{fraction_key(f)}"] = average_drop(y, o)
+            out[f"IC_{fraction_key(f)}"] = increase_in_confidence(y, o)
+        return out
+
+    def terms(self, table) -> dict:
+        import numpy as np
+        y = np.asarray(table.column("Y").to_numpy(), dtype=np.float64)
+        out = {}
+        for f in self.settings.fractions:
+            o = np.asarray(table.column(f"O_{fraction_key(f)}").to_numpy(), dtype=np.float64)
+            safe = np.where(y > 0, y, 1.0)
+            out[f"AD_{fraction_key(f)}"] = np.where(y > 0, 100.0 * np.maximum(y - o, 0) / safe,
+                                                    0.0)
+            out[f"IC_{fraction_key(f)}"] = 100.0 * (o > y)
+        return out

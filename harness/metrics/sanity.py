@@ -206,3 +206,29 @@ def sanity_metrics(explainer, images: torch.Tensor, targets: torch.Tensor | None
 
 __all__ = ["SanityResult", "SanityStep", "parameterised_layers", "randomisation_test",
            "reinitialise", "sanity_metrics", "spearman", "ssim"]
+
+
+# -- the registry entry (harness.metrics.registry) --------------------------------------------
+from harness.metrics.base import Metric, Reported  # noqa: E402
+from harness.metrics.registry import register  # noqa: E402
+
+
+@register
+class SanityCheck(Metric):
+    """The cascading randomisation test (module docstring), once per cell in its analysis
+    job (``harness.results.analysis.analyse``), not per image: ``sanity_spearman_<layer>``
+    and ``sanity_ssim_<layer>``, lower is better (the maps must change when the learned
+    parameters are destroyed; ``..._none``, step 0, is 1 by construction)."""
+
+    name = "sanity"
+    display_name = "Sanity check"
+    paper = "Adebayo et al., Sanity Checks for Saliency Maps, NeurIPS 2018"
+    stage = "cell"
+    always = True
+    reported = (Reported("sanity_spearman_{k}", "lower", "Spearman({k})", table=False,
+                         digits=3, k_pattern=r".+"),
+                Reported("sanity_ssim_{k}", "lower", "SSIM({k})", table=False, digits=3,
+                         k_pattern=r".+"))
+
+    def identity(self) -> dict:
+        return {}

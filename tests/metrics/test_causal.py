@@ -108,7 +108,11 @@ def test_canvases():
     assert torch.allclose(causal.blur(flat), flat)                      # taps sum to 1
     blurred = causal.blur(images)
     assert blurred.std() < images.std() / 3                             # sigma 5 smooths
-    assert torch.equal(causal.canvas("insertion", "rise", images), blurred)
+    # RISE's insertion substrate is its own gkern(11, 5) blur (tests/metrics/test_rise_canvas.py)
+    mean_colour = causal.IMAGENET_MEAN
+    assert torch.equal(causal.canvas("insertion", "rise", images),
+                       causal.rise_blur(images, mean_colour))
+    assert not torch.equal(causal.canvas("insertion", "rise", images), blurred)
     mean = causal.canvas("deletion", "rise", images)
     assert torch.allclose(mean[0, :, 0, 0], torch.tensor(causal.IMAGENET_MEAN))
     assert torch.equal(causal.canvas("deletion", "black", images), torch.zeros_like(images))
