@@ -23,6 +23,7 @@ derived from them: defaults, checks, problem messages (``problems``), the spec r
   the words of value problems, ``describe()``;
 - ``sections``, ``schema``, ``sweep``, ``params``: the models;
 - ``loader``: the YAML (repeated keys are problems), ``key=value`` overrides, ``load_spec``;
+  ``includes``: ``include:`` of base specs, merged under the spec's own values;
 - ``build``, ``entries``, ``rules``: validation, registry resolution and the rules that span
   sections; ``problems``: ``SpecError``, ``Report`` and pydantic errors in our words;
 - ``reference``: the annotated YAML reference and the method parameter table.

@@ -34,6 +34,7 @@ def build_spec(raw: dict, report: Report, file: Path, sweep: bool = False) -> Sp
     needs_train = any(m.learned and m.checkpoint is None for m in values["methods"])
     values["data"] = rules.check_data(values["data"], needs_train, report)
     values["storage"] = rules.check_storage(values["storage"], report)
+    values["evaluation"] = rules.check_metrics(values["evaluation"], report)
     rules.check_gpu(raw, values["train"], values["sharding"], values["ray"], report)
     if values["name"] is None:
         values["name"] = re.sub(r"[^A-Za-z0-9_.\-]", "_", file.stem)

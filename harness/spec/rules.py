@@ -24,9 +24,14 @@ _LIST_LINE = re.compile(r"\d+")
 def check_data(data: DataSection, needs_train: bool, report: Report) -> DataSection:
     """data.root (required for ImageNet; train/ and val/ where needed) and data.list_file."""
     root, list_file = data.root, data.list_file
-    if data.kind == "imagenet" and root is None:
-        report.add(("data", "root"), "required with data.kind: imagenet: the folder holding "
-                   "train/ and val/. Give it on the command line: data.root=/path/to/imagenet")
+    if data.kind in ("imagenet", "folder") and root is None:
+        report.add(("data", "root"), f"required with data.kind: {data.kind}: the folder holding "
+                   f"train/ and val/. Give it on the command line: data.root=/path/to/{data.kind}")
+    elif root is not None and "://" in root:      # an object store (harness.data.sources)
+        if list_file is not None and not list_file.startswith("builtin:"):
+            report.add(("data", "list_file"), "a list file selects images of a local folder; "
+                       f"with data.root {root.split('?')[0]} use the split's class folders "
+                       "(data.limit, data.random_count select from them)")
     elif root is not None:
         found = report.existing(("data", "root"), root, "folder", folder=True)
         if found:
@@ -39,7 +44,11 @@ def check_data(data: DataSection, needs_train: bool, report: Report) -> DataSect
         if found:
             list_file = found
             check_list_file(Path(found), report)
-    return data.model_copy(update={"root": root, "list_file": list_file})
+    classes = data.classes
+    if classes is not None:
+        found = report.existing(("data", "classes"), classes, "class-list file")
+        classes = found or classes
+    return data.model_copy(update={"root": root, "list_file": list_file, "classes": classes})
 
 
 def _check_root_layout(root: Path, needs_train: bool, needs_val: bool, report: Report) -> None:
@@ -128,3 +137,35 @@ def check_gpu(raw: dict, train: TrainSection, sharding: ShardingSection, ray: Ra
 def _item_train(item: Any) -> dict:
     train = item.get("train") if isinstance(item, dict) else None
     return train if isinstance(train, dict) else {}
+
+
+def check_metrics(evaluation, report: Report):
+    """``evaluation.metrics``: every name resolved by the metric registry (built in, an
+    installed plugin, a class reference) and every entry's settings checked against the
+    metric's ``Settings`` (its fields, types and ranges), each problem at its field
+    (``evaluation.metrics[2].percentages[0]``). Returns the section unchanged."""
+    from backbones.registry import UnknownNameError
+    from harness.metrics import registry
+    for i, item in enumerate(evaluation.metrics):
+        loc = ("evaluation", "metrics", i)
+        settings = {k: v for k, v in item.items() if k != "name"} if isinstance(item, dict) \
+            else {}
+        name = item.get("name") if isinstance(item, dict) else item
+        if isinstance(item, dict) and not isinstance(name, str):
+            report.add(loc + ("name",), "required: the metric's name (e.g. {name: road})")
+            continue
+        at = loc + (("name",) if isinstance(item, dict) else ())
+        try:
+            cls = registry.metric_class(name)
+        except UnknownNameError as err:       # unknown, or a broken plugin
+            report.add(at, str(err))
+            continue
+        if name == "ad_ic" and settings:
+            report.add(loc, "ad_ic's settings are evaluation.keep_fractions and "
+                            "evaluation.preset: write ad_ic alone")
+        elif cls.always and name != "ad_ic":
+            report.add(at, f"{name} is always computed (its numbers are in every run): "
+                           "leave it out of evaluation.metrics")
+        elif settings:
+            report.check(cls.Settings, settings, loc)
+    return evaluation

@@ -34,8 +34,10 @@ ALIASES = {"metrics": "evaluation", "dataset": "data", "eval": "evaluation",
 # section -> its later keys (None: the whole section is later).
 LATER_KEYS = {"evaluation": ("metrics", "causal_steps", "causal_canvas", "causal_batch_size",
                              "tf32", "deterministic"),
-              "train": ("tf32", "deterministic", "lr_decay_epochs", "placement"),
+              "train": ("tf32", "deterministic", "lr_decay_epochs", "placement",
+                        "cpus_per_worker", "loader_workers"),
               "sharding": ("stall_timeout_s",),
+              "data": ("classes", "name"),
               "statistics": None}
 
 
@@ -214,6 +216,7 @@ def _drop_later_defaults(data: dict[str, Any]) -> None:
     defaults = {"evaluation": EvaluationSection().model_dump(mode="python"),
                 "train": TrainSection().model_dump(mode="python"),
                 "sharding": ShardingSection().model_dump(mode="python"),
+                "data": DataSection().model_dump(mode="python"),
                 "statistics": StatisticsSection().model_dump(mode="python")}
     for section, keys in LATER_KEYS.items():
         if keys is None:

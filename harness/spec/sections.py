@@ -84,9 +84,20 @@ class TrainSection(Section):
     placement: Literal["pack", "spread"] = Field("pack", description=(
         "pack: workers on as few nodes as fit; spread: on different nodes where possible"))
     use_gpu: Bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: Float = Field(1.0, gt=0, description=(
+        "CPUs per Ray Train worker (its torch threads and loader workers share them)"))
+    loader_workers: Int | None = Field(None, ge=0, description=(
+        "DataLoader processes decoding images per Train worker (null: 0 on CPU, "
+        "cpus_per_worker - 1 and at least 2 on GPU)"))
     tf32: Bool = Field(False, description="TF32 matmuls/convolutions on GPU (off: float32)")
     deterministic: Bool = Field(False, description=(
         "deterministic algorithms: a resumed fit equals an unbroken one on GPU (slower)"))
+
+    def loader_processes(self) -> int:
+        """``loader_workers``, or its default for this device (see the field)."""
+        if self.loader_workers is not None:
+            return self.loader_workers
+        return max(2, int(self.cpus_per_worker) - 1) if self.use_gpu else 0
 
     @property
     def lambdas(self) -> tuple[float, float, float, float]:
@@ -119,16 +130,26 @@ TrainOverridesField = Annotated[TrainOverrides, *as_plain()]
 class DataSection(Section):
     """Where images come from and which are evaluated."""
 
-    kind: Literal["quickstart", "imagenet"] = Field(
-        "quickstart", description="quickstart: generated on first use (offline)")
-    root: Str | None = Field(None, description="imagenet: the folder with train/ and val/")
+    kind: Literal["quickstart", "folder", "imagenet"] = Field(
+        "quickstart", description=(
+            "quickstart: generated on first use (offline); folder: any image-classification "
+            "folder (docs/datasets.md); imagenet: a folder with ILSVRC's classes"))
+    root: Str | None = Field(None, description=(
+        "folder, imagenet: the folder with train/ and val/ (or a flat val/ and a list file)"))
+    classes: Str | None = Field(None, description=(
+        "a class-list file (one name a line, label order); default: root/classes.txt, else "
+        "the sorted class folders"))
+    name: Str | None = Field(None, description=(
+        "the data set's name in tables and MLflow (default: the kind; folder: the folder's "
+        "name)"))
     list_file: Str | None = Field(None, description=(
         "an evaluation list (Evaluation_2000.txt format) or builtin:Evaluation_2000"))
     random_count: Int | None = Field(None, ge=1, description=(
         "a seeded random draw of N evaluation images"))
-    limit: Int | None = Field(None, ge=1, description="the first N evaluation images")
+    limit: Int | None = Field(None, ge=1, description=(
+        "N evaluation images spread over the classes (the first of each, then the second, ...)"))
     train_limit: Int | None = Field(None, ge=1, description=(
-        "cap on the training images of the L-CAM heads"))
+        "N training images of the L-CAM heads, spread over the classes the same way"))
     on_bad_image: Literal["stop", "skip"] = Field(
         "stop", description="an unreadable image stops the run, or is skipped and counted")
 
@@ -193,7 +214,10 @@ class EvaluationSection(Section):
         "explain in bf16 (CPU) / fp16 (GPU); AD/IC still scored in float32"))
     channels_last: Bool = Field(False, description=(
         "backbone and images in channels_last memory format"))
-    metrics: list[Literal["ad_ic", "deletion", "insertion"]] = Field(
+    # Entries: a metric's name (harness.metrics.registry: deletion, insertion, road, plugins)
+    # or {name: ..., <its settings>} (harness.spec.rules.check_metrics). The description is
+    # README.md's generated spec reference line: change both together.
+    metrics: list[Union[Str, dict[Str, Any]]] = Field(
         default_factory=lambda: ["ad_ic"], min_length=1, description=(
             "ad_ic (always) and the causal metrics deletion, insertion (T + 1 forwards each)"))
     causal_steps: Int = Field(224, ge=1, description=(
@@ -208,19 +232,30 @@ class EvaluationSection(Section):
     @field_validator("keep_fractions", "metrics")
     @classmethod
     def _distinct(cls, values: list) -> list:
-        for i, value in enumerate(values):
-            if value in values[:i]:
+        names = [v.get("name") if isinstance(v, dict) else v for v in values]
+        for i, value in enumerate(names):
+            if value in names[:i]:
                 shown = f"{value:g}" if isinstance(value, float) else repr(value)
                 raise problem(f"{shown} is listed twice", at=[i])
         return values
 
     @field_validator("metrics")
     @classmethod
-    def _ad_ic_listed(cls, metrics: list[str]) -> list[str]:
-        if "ad_ic" not in metrics:
+    def _ad_ic_listed(cls, metrics: list) -> list:
+        names = [m.get("name") if isinstance(m, dict) else m for m in metrics]
+        if "ad_ic" not in names:
             raise problem("ad_ic is always computed (Table 1 is built on it): list it, e.g. "
-                          f"[ad_ic, {', '.join(metrics)}]")
+                          f"[ad_ic, {', '.join(map(str, names))}]")
         return metrics
+
+    def metric_names(self) -> list[str]:
+        """The names of the listed metrics, in order."""
+        return [m["name"] if isinstance(m, dict) else m for m in self.metrics]
+
+    def metric_settings(self) -> tuple[tuple[str, dict], ...]:
+        """(name, settings) of the entries written as a mapping with settings."""
+        return tuple((m["name"], {k: v for k, v in m.items() if k != "name"})
+                     for m in self.metrics if isinstance(m, dict))
 
     def protocol_preset(self):
         """The ``harness.metrics.protocol.ProtocolPreset`` this section names."""

@@ -334,7 +334,9 @@ def test_registry_entries_are_all_usable(tmp_path):
 
 # -- job files -------------------------------------------------------------------------------
 def job_overrides(path: Path, tmp_path: Path) -> list[str]:
-    raw = yaml.safe_load(path.read_text())
+    from harness.spec.includes import resolve
+    raw = resolve(yaml.safe_load(path.read_text()), path,
+                  lambda base: yaml.safe_load(base.read_text()))      # with its include: bases
     out = []
     if raw.get("data", {}).get("kind") == "imagenet":
         (tmp_path / "imagenet" / "train").mkdir(parents=True, exist_ok=True)
