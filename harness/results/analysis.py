@@ -89,7 +89,9 @@ def class_name(names: Sequence[str] | None, c: int) -> str:
 
 
 def names_of(backbone, dataset=None) -> list[str] | None:
-    return getattr(backbone, "class_names", None) or getattr(dataset, "classes", None)
+    """The class names the figures show: the data set's (its class list), else the
+    backbone's own (the data set's labels index the same classes: ``check_classes``)."""
+    return getattr(dataset, "classes", None) or getattr(backbone, "class_names", None)
 
 
 # -- model helpers ----------------------------------------------------------------------------

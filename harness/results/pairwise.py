@@ -111,7 +111,7 @@ def backbone_statistics(client, rows: list[dict], cols: list[str],
                                    for r in present):
             continue
         terms = _aligned({r["run_id"]: found[r["run_id"]] for r in present}, col)
-        comparison = compare(col, terms, col.startswith(table.LOWER_IS_BETTER), settings)
+        comparison = compare(col, terms, table.lower_is_better(col), settings)
         out["comparisons"][col] = comparison
         for r in present:
             rank = comparison.marks().get(r["run_id"])

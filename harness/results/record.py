@@ -12,7 +12,8 @@
   significant, by the paired tests of ``harness.results.pairwise``), the same tables, the
   pairwise matrices and the AD/IC-vs-#FW plots as artifacts of the parent run
   (``harness.results.report``; the statistics settings as its ``statistics.*``
-  parameters), the experiment's saved "Table 1" view and the link that opens it.
+  parameters) and the one-page ``report.html`` (``harness.results.html_report``), the
+  experiment's saved "Table 1" view and the link that opens it.
 """
 from __future__ import annotations
 
@@ -55,7 +56,10 @@ def open_runs(plan: Plan, inputs: Inputs, tracker: Tracker, parent_id: str,
             "method_id": cell.method_id, "display_name": cell.display_name,
             "variant": cell.variant, "weights_id": bb.weights_id,
             "feature_layer": bb.feature_layer,
-            "eval_list_hash": inputs.datasets[cell.backbone].list_hash, **origin_tags(cell)})
+            "eval_list_hash": inputs.datasets[cell.backbone].list_hash,
+            "dataset": inputs.datasets[cell.backbone].name,
+            "eval_pixels_digest": str(inputs.prepared[cell.backbone].pixels),
+            **origin_tags(cell)})
         tracker.log(runs[cell.key], params={
             "backbone": cell.backbone, "weights": bb.weights_id, "seed": plan.seed,
             "fractions": list(ev.fractions), "preset": json.dumps(ev.preset.as_dict())})
@@ -110,7 +114,8 @@ def show(plan: Plan, inputs: Inputs, metrics: dict[str, dict], tracker: Tracker,
     """Table 1 per backbone; tables, plots and the saved view in MLflow; where to look."""
     from harness.results import report
     cols = table.metric_columns([fraction_key(f) for f in plan.evaluation.fractions],
-                                tuple(f"{m}_auc" for m in plan.evaluation.causal))
+                                tuple(r.key for m in plan.evaluation.measures()
+                                      for r in m.reported))
     data = None
     if any(metrics.values()):          # the paired tests need every cell's rows: MLflow's
         tracker.log(parent_id, params=plan.evaluation.statistics.as_params())
@@ -123,7 +128,8 @@ def show(plan: Plan, inputs: Inputs, metrics: dict[str, dict], tracker: Tracker,
         if not rows:
             continue
         console.print(table.rich_table(f"{name} ({inputs.weights_id(name)}), "
-                                       f"{rows[0].get('images', 0):.0f} images", rows, cols,
+                                       f"{rows[0].get('images', 0):.0f} images of "
+                                       f"{inputs.datasets[name].name}", rows, cols,
                                        report.caption(data or {})))
         bad = inputs.datasets[name].bad
         if bad:    # data.on_bad_image: skip
@@ -132,8 +138,24 @@ def show(plan: Plan, inputs: Inputs, metrics: dict[str, dict], tracker: Tracker,
                           + ("; ..." if len(bad) > 5 else ""),
                           markup=False, highlight=False, soft_wrap=True)
     if data:
-        for path in report.write_report(data, out_dir):
+        paths = report.write_report(data, out_dir)
+        for path in paths + html_page(tracker, data, paths, out_dir, console):
             tracker.artifact(parent_id, path, "report")
         tracker.publish_view(cols)
     console.print(f"MLflow: {tracker.uri} (experiment '{plan.experiment}', run {parent_id})")
     console.print(f"MLflow UI: {tracker.ui_link()}")
+
+
+def html_page(tracker: Tracker, data: dict, paths: list[Path], out_dir: Path,
+              console) -> list[Path]:
+    """``report.html`` beside the report's files (``harness.results.html_report``); a page
+    that cannot be built is a warning, not a failed run."""
+    from harness.results import html_report
+    try:
+        text = html_report.build(tracker.client, data["parent"], data,
+                                 html_report.files_of(paths))
+        return [html_report.write(out_dir / "report.html", text)]
+    except Exception as err:                   # noqa: BLE001 (the numbers are recorded)
+        console.print(f"warning: report.html not written: {type(err).__name__}: {err}",
+                      markup=False, highlight=False)
+        return []

@@ -47,6 +47,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness.metrics import registry
 from harness.metrics.statistics import StatisticsSettings
 from harness.results import pairwise, table, table1
 from harness.errors import UserError
@@ -141,13 +142,14 @@ def collect(client, parent) -> dict[str, Any]:
         raise ReportError(f"benchmark run {parent.info.run_id} ({parent.info.run_name}) has no "
                           "method runs: nothing to report")
     cols = table.metric_columns(fraction_keys(runs), tuple(
-        c for c in table.CAUSAL_COLUMNS if any(c in r.data.metrics for r in runs)))
+        c for c in table.extra_columns() if any(c in r.data.metrics for r in runs)))
     settings = StatisticsSettings.from_params(parent.data.params)
     backbones: dict[str, dict] = {}
     for r in runs:
         t = r.data.tags
         name = t.get("backbone", "?")
-        entry = backbones.setdefault(name, {"weights_id": t.get("weights_id", ""), "rows": []})
+        entry = backbones.setdefault(name, {"weights_id": t.get("weights_id", ""), "rows": [],
+                                            "dataset": t.get("dataset", "")})
         label = t.get("display_name") or t.get("method") or r.info.run_name or r.info.run_id
         row = {"method": label, "method_key": t.get("method", ""), "backbone": name,
                "method_id": t.get("method_id", ""),
@@ -187,7 +189,8 @@ def caption(data: dict) -> str:
 def title_of(name: str, entry: dict) -> str:
     images = next((row["images"] for row in entry["rows"] if row.get("images") is not None), None)
     n = f", {images:.0f} images" if images is not None else ""
-    return f"{name} ({entry['weights_id']}){n}"
+    of = f" of {entry['dataset']}" if n and entry.get("dataset") else ""
+    return f"{name} ({entry['weights_id']}){n}{of}"
 
 
 def markdown(data: dict) -> str:
@@ -197,7 +200,7 @@ def markdown(data: dict) -> str:
     parts = [f"# {p.info.run_name or 'benchmark'}\n\n"
              f"Experiment `{data['experiment']}`, run `{p.info.run_id}`, spec fingerprint "
              f"`{p.data.tags.get('spec_fingerprint', '')}`, git `{p.data.tags.get('git_commit', '')}`. "
-             f"AD, deletion: lower is better; IC, insertion: higher is better. {note}.\n"]
+             f"{registry.directions_text(data['columns'])} {note}.\n"]
     settings = data.get("settings") or StatisticsSettings()
     for name, entry in data["backbones"].items():
         sizes = pairwise.sample_size_text(entry, settings)

@@ -1,8 +1,10 @@
 """The results table laid out like the paper's Table 1 (rich, Markdown and CSV).
 
-Methods are rows; AD and IC at every kept fraction, the causal AUCs when measured (deletion,
-insertion) and #FW are columns (AD, deletion and #FW: lower is better; IC, insertion:
-higher). A value with an interval (``<col>_ci_low``/``_ci_high`` in the row) is shown as
+Methods are rows; AD and IC at every kept fraction, the other listed metrics' numbers when
+measured (deletion, insertion, ROAD's MoRF and LeRF, plugins') and #FW are columns. Which
+direction is better, each column's header and its decimals are the metrics' own
+declarations (``harness.metrics.registry``: ``direction``, ``header``, ``digits``; #FW:
+lower). A value with an interval (``<col>_ci_low``/``_ci_high`` in the row) is shown as
 ``value ± half-width``, the half-width being half the interval's width (BCa intervals are
 not symmetric: the CSV keeps both bounds).
 
@@ -20,29 +22,34 @@ from __future__ import annotations
 
 from rich.table import Table
 
-LOWER_IS_BETTER = ("AD_", "FW", "deletion")
-CAUSAL_COLUMNS = ("deletion_auc", "insertion_auc")
-CAUSAL_HEADERS = {"deletion_auc": "Del↓", "insertion_auc": "Ins↑"}
+from harness.metrics import registry
 CAPTION = ("± half the {level} interval; bold: significantly better than every other row "
            "(paired test, Holm-adjusted p < {alpha:g}), underlined: the same against every "
            "row but the bold one; #FW: lowest bold")
 
 
+def extra_columns() -> list[str]:
+    """The Table 1 columns of the metrics other than AD/IC, when measured (registry order:
+    ``deletion_auc``, ``insertion_auc``, ``road_morf``, ``road_lerf``, plugins')."""
+    return registry.table_columns()
+
+
 def metric_columns(fractions_keys: list[str], causal: tuple[str, ...] = ()) -> list[str]:
-    """Table 1's columns; ``causal``: the AUC columns present (``CAUSAL_COLUMNS``)."""
+    """Table 1's columns; ``causal``: the other metrics' columns present
+    (``extra_columns``)."""
     cols = []
     for k in fractions_keys:
         cols += [f"AD_{k}", f"IC_{k}"]
-    return cols + [c for c in CAUSAL_COLUMNS if c in causal] + ["FW"]
+    return cols + [c for c in extra_columns() if c in causal] + ["FW"]
+
+
+def lower_is_better(col: str) -> bool:
+    """The column's declared direction (``harness.metrics.registry.direction``)."""
+    return registry.lower_is_better(col)
 
 
 def header(col: str) -> str:
-    if col == "FW":
-        return "#FW"
-    if col in CAUSAL_HEADERS:
-        return CAUSAL_HEADERS[col]
-    kind, key = col.split("_", 1)
-    return f"{kind}({key}%){'↓' if kind == 'AD' else '↑'}"
+    return registry.header(col)
 
 
 def caption(level: str = "95% BCa", alpha: float = 0.05) -> str:
@@ -56,7 +63,7 @@ def ranks(rows: list[dict], col: str) -> dict[int, int]:
         return {i: r["marks"][col] for i, r in enumerate(rows)
                 if r.get("marks", {}).get(col) in (1, 2)}
     values = sorted({r[col] for r in rows if r.get(col) is not None},
-                    reverse=not col.startswith(LOWER_IS_BETTER))
+                    reverse=not lower_is_better(col))
     out = {}
     for i, r in enumerate(rows):
         v = r.get(col)
@@ -70,9 +77,7 @@ def ranks(rows: list[dict], col: str) -> dict[int, int]:
 def fmt(col: str, value) -> str:
     if value is None:
         return "-"
-    if col in CAUSAL_COLUMNS:
-        return f"{value:.3f}"
-    return f"{value:.0f}" if col == "FW" else f"{value:.2f}"
+    return f"{value:.0f}" if col == "FW" else f"{value:.{registry.digits(col)}f}"
 
 
 def cell(row: dict, col: str) -> str:

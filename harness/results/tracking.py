@@ -15,8 +15,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 
 PACKAGES = ("torch", "torchvision", "ray", "mlflow", "pyarrow", "lcam-bench")
 
@@ -71,6 +69,7 @@ class Tracker:
 
     def __init__(self, experiment: str, uri: str | None = None):
         self.uri = uri or tracking_uri()
+        from mlflow.tracking import MlflowClient     # here: ``validate`` needs no MLflow
         self.client = MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (exp.experiment_id if exp else
@@ -131,6 +130,7 @@ class Tracker:
 
     def log(self, run_id: str, params: dict | None = None, metrics: dict | None = None,
             tags: dict | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
         now = int(time.time() * 1000)
         existing = self.client.get_run(run_id).data.params
         params = {k: str(v)[:6000] for k, v in (params or {}).items() if k not in existing}
