@@ -244,6 +244,7 @@ def bench_evaluation(b: Bench) -> dict:
     import methods
     from harness.metrics.protocol import PAPER, PAPER_FRACTIONS
     from harness.pipeline import shards
+    from harness.data.prepared import PreparedRef
     from harness.pipeline.plan import Cell, EvaluationPlan, ImageSet
     a, bb, x = b.args, b.backbone, b.images
     n = a.eval_images or 2 * a.batch
@@ -263,7 +264,7 @@ def bench_evaluation(b: Bench) -> dict:
         def shard(i: int):
             return shards.run_shard(shards.ShardJob(
                 cell=cell, images=ImageSet("imagenet", "val", (a.size, a.size)),
-                list_hash="(in memory)", weights_id=bb.weights_id, evaluation=evaluation,
+                prepared=PreparedRef("(in memory)", "(in memory)"), weights_id=bb.weights_id, evaluation=evaluation,
                 head=None, seed=a.seed, shard=i, indices=tuple(range(n))))
         import pyarrow.parquet  # noqa: F401  (its first import is not a shard's cost)
         try:

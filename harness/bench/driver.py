@@ -112,6 +112,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--pipeline-images", type=int, default=32, help="generated images of --pipeline")
     a("--memory-images", type=int, default=None,
       help="with --pipeline: peak memory of a real run over N generated images instead")
+    a("--dispatch", action="store_true", help="the start cost of a shard per way of running "
+      "it on Ray: a task in a fresh process, a task in a reused one, a long-lived worker "
+      "(harness.bench.dispatch)")
+    a("--dispatch-shards", type=int, default=20, help="shards of --dispatch")
+    a("--dispatch-images", type=int, default=8, help="images per shard of --dispatch")
+    a("--training-input", action="store_true", help="the head training's input: images "
+      "per second at each number of loader processes (harness.bench.training_input)")
+    a("--training-input-workers", type=int, nargs="+", default=[0, 1, 2],
+      help="loader processes of --training-input (0: decoded in the training process)")
+    a("--training-input-images", type=int, default=256,
+      help="generated 375x500 JPEGs of --training-input")
+    a("--validate", metavar="SPEC", default=None, help="the time and memory of `validate SPEC` "
+      "against the same check with the imports it no longer needs (harness.bench.validate_time)")
+    a("--validate-repeats", type=int, default=5, help="fresh interpreters per way of --validate")
 
 
 # -- driver, table, JSON ----------------------------------------------------------------------
@@ -205,6 +219,12 @@ def main(args: argparse.Namespace) -> int:
     err = make_console(stderr=True)
     if args.pipeline:
         return _pipeline(args, console)
+    if args.dispatch:
+        return _dispatch(args, console)
+    if args.validate:
+        return _validate(args, console)
+    if args.training_input:
+        return _training_input(args, console)
     args.methods = args.methods or [*OURS, *LIBRARY]
     unknown = [m for m in args.methods if m not in OURS + LIBRARY and not _known(methods, m)]
     if unknown:
@@ -242,6 +262,56 @@ def main(args: argparse.Namespace) -> int:
         return _run(args, console, err)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _dispatch(args: argparse.Namespace, console) -> int:
+    """``--dispatch``: see ``harness.bench.dispatch``; a table and the JSON file."""
+    from harness.bench import dispatch
+    if args.dispatch_shards < 1 or args.dispatch_images < 1:
+        print("error: --dispatch-shards and --dispatch-images must be positive",
+              file=sys.stderr)
+        return 2
+    from harness.pipeline import ray_runtime
+    ray_runtime.prepare_environment(None)             # before ray is imported
+    results = {"schema": "lcam-bench/dispatch/1", "argv": sys.argv,
+               "environment": _environment(args), **dispatch.run(args)}
+    write_json_atomic(results, Path(args.out))
+    console.print(dispatch.table(results))
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+def _training_input(args: argparse.Namespace, console) -> int:
+    """``--training-input``: see ``harness.bench.training_input``; a table and the JSON."""
+    from harness.bench import training_input
+    if (args.training_input_images < args.batch or args.batch < 1 or args.threads < 1
+            or any(w < 0 for w in args.training_input_workers)):
+        print("error: --training-input needs --batch >= 1, --threads >= 1, "
+              "--training-input-images >= --batch and --training-input-workers >= 0",
+              file=sys.stderr)
+        return 2
+    results = {"schema": "lcam-bench/training-input/1", "argv": sys.argv,
+               "environment": _environment(args), **training_input.run(args)}
+    write_json_atomic(results, Path(args.out))
+    console.print(training_input.table(results))
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+def _validate(args: argparse.Namespace, console) -> int:
+    """``--validate SPEC``: see ``harness.bench.validate_time``; a table and the JSON file."""
+    from harness.bench import validate_time
+    if not Path(args.validate).is_file() or args.validate_repeats < 1:
+        print(f"error: --validate needs a spec file (not found: {args.validate}) and "
+              "--validate-repeats >= 1", file=sys.stderr)
+        return 2
+    results = {"schema": "lcam-bench/validate/1", "argv": sys.argv,
+               "environment": _environment(args),
+               **validate_time.run(args.validate, args.validate_repeats)}
+    write_json_atomic(results, Path(args.out))
+    console.print(validate_time.table(results))
+    console.print(f"wrote {args.out}")
+    return 0
 
 
 def _pipeline(args: argparse.Namespace, console) -> int:

@@ -79,12 +79,14 @@ def bench_method(args, bb, prepared, images, method: str, tmp: Path) -> dict[str
     """Whole evaluation and explanation + 3 masked forwards of ``method``, per image."""
     import methods
     from harness.metrics.protocol import Evaluator
+    from harness.data.prepared import ref_of
     from harness.pipeline import shards
     n = len(prepared)
     cell, ev = _cell(method, bb.name, args.weights), _evaluation(args, n)
 
     def whole():
-        shards.run_shard(shards.ShardJob(cell=cell, images=images, list_hash=prepared.list_hash,
+        shards.run_shard(shards.ShardJob(cell=cell, images=images,
+                                         prepared=ref_of(prepared, ship=False),
                                          weights_id=bb.weights_id, evaluation=ev, head=None,
                                          seed=args.seed, shard=0, indices=tuple(range(n))))
 

@@ -7,8 +7,8 @@ or ``ls`` never pay for Ray or MLflow).
 
 Exit codes: 0 success; 2 a problem the user can fix (``harness.errors.UserError``: a bad spec,
 input, option or location), reported before anything was started; 1 a runtime failure;
-130 interrupted. Errors are one line (a spec's problems one a line); ``--debug`` adds the
-traceback.
+130 interrupted. An error is its message (a spec's problems one a line; a long message
+shortened in the middle, never cut before its cause); ``--debug`` adds the traceback.
 """
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 def _report(err: BaseException, debug: bool) -> int:
     from harness.errors import UserError
-    from harness.spec import SpecError
-    if isinstance(err, SpecError):
+    # a SpecError can only come from harness.spec: never import it (and pydantic) to ask
+    spec_error = getattr(sys.modules.get("harness.spec"), "SpecError", None)
+    if spec_error is not None and isinstance(err, spec_error):
         print(err.format(), file=sys.stderr)
         return err.exit_code
     if isinstance(err, UserError):
@@ -60,11 +61,20 @@ def _report(err: BaseException, debug: bool) -> int:
     if debug:
         traceback.print_exc()
     else:
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        msg = _excerpt(str(err).strip())
         print(f"error: {type(err).__name__}: {msg}" if msg else f"error: {type(err).__name__}",
               file=sys.stderr)
         print("(run again with --debug for the traceback)", file=sys.stderr)
     return 1
+
+
+def _excerpt(text: str, lines: int = 12, chars: int = 2000) -> str:
+    """The message whole, up to ``lines`` lines and ``chars`` characters (the cause of an
+    error is often on its last line: nothing is cut before it unless the message is long)."""
+    parts = text.splitlines()
+    out = "\n".join(parts[:lines] if len(parts) <= lines else
+                    parts[:lines // 2] + [f"... ({len(parts) - lines} lines)"] + parts[-lines // 2:])
+    return out if len(out) <= chars else out[:chars // 2] + " ... " + out[-chars // 2:]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

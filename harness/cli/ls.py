@@ -94,10 +94,15 @@ def refused_line() -> str:
 
 
 def jobs_table():
+    """The specs of ``./jobs`` (else the checkout's), or a line saying where they are: an
+    installed wheel holds the packages only, the specs come with the project's files."""
     from rich.table import Table
     jobs_dir = Path.cwd() / "jobs"
     if not jobs_dir.is_dir():
         jobs_dir = PACKAGE_ROOT / "jobs"
+    if not jobs_dir.is_dir():
+        return ("jobs: no jobs/ folder here (the shipped specs are in the project's jobs/ "
+                "folder; run ls from the project, or pass your own spec to validate and run)")
     t = Table(title=f"jobs ({jobs_dir})", title_justify="left")
     t.add_column("file", no_wrap=True)
     t.add_column("command (first comment line)", overflow="fold")

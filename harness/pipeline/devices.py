@@ -32,11 +32,19 @@ class DeviceMissing(Exception):
     another try on the same node cannot succeed)."""
 
 
+def cuda_view() -> dict:
+    """What torch sees of CUDA in this process: ``available``, ``count`` (devices),
+    ``torch`` and ``cuda`` (the build's CUDA version, None for a CPU build)."""
+    available = torch.cuda.is_available()
+    return {"available": available, "count": torch.cuda.device_count() if available else 0,
+            "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
 def task_device(gpus: float, what: str) -> torch.device:
     """``cuda`` when ``gpus`` > 0 (and CUDA is there: else ``DeviceMissing``), else ``cpu``."""
     if gpus <= 0:
         return torch.device("cpu")
-    if not torch.cuda.is_available():
+    if not cuda_view()["available"]:
         raise DeviceMissing(f"{what} asked for {gpus:g} GPU, but CUDA is not available in its "
                             f"Ray worker on node {socket.gethostname()} (torch "
                             f"{torch.__version__}, CUDA build: {torch.version.cuda}): install "

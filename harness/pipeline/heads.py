@@ -11,14 +11,12 @@ storage path) resumes it. The finished heads are written as small files under th
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import sys
 import json
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +53,17 @@ def _log_curves(config: dict, epoch: int, per_head: dict[str, dict]) -> None:
         print(f"warning: could not log training curves to MLflow: {err}")
 
 
+def read_checkpoint(ckpt, device) -> dict:
+    """The ``heads.pt`` of a Ray Train checkpoint, downloaded into a folder of this process's
+    own. Not ``Checkpoint.as_directory``: its shared per-node folder is downloaded again by a
+    second worker that asks after the first one's download ended, rewriting ``heads.pt``
+    while the first reads it (two ranks resuming on one node, as after a node was lost, read
+    a truncated file: EOFError)."""
+    with tempfile.TemporaryDirectory(prefix="heads-checkpoint-") as d:
+        ckpt.to_directory(d)
+        return torch.load(Path(d) / "heads.pt", map_location=device, weights_only=True)
+
+
 def _resume(trainer: "_Heads", device) -> int:
     """Load the last epoch checkpoint of this fit, if any: the epoch to start from."""
     import ray.train
@@ -62,8 +71,7 @@ def _resume(trainer: "_Heads", device) -> int:
     ckpt = ray.train.get_checkpoint()
     if not ckpt:
         return 0
-    with ckpt.as_directory() as d:
-        state = torch.load(Path(d) / "heads.pt", map_location=device, weights_only=True)
+    state = read_checkpoint(ckpt, device)
     trainer.history = list(state.get("history", []))
     for hid in heads:
         getattr(heads[hid], "module", heads[hid]).load_state_dict(state["heads"][hid])
@@ -202,16 +210,35 @@ def _report(config: dict, trainer: _Heads, epoch: int, per_head: dict, rank: int
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def loader_options(device: torch.device, threads: int) -> dict:
-    """DataLoader settings: on GPU, decoding and augmenting in worker processes with pinned
-    memory and prefetch so the GPU is not kept waiting; on CPU, in the training process
-    (the cores are the training's, and the augmentation draws stay those of the seeded
-    epoch: ``seed_epoch``)."""
-    if device.type != "cuda":
+def loader_options(device: torch.device, workers: int) -> dict:
+    """DataLoader settings for ``workers`` decoding processes (``train.loader_workers``):
+    none decodes in the training process; with some, pinned memory on CUDA and a prefetch.
+
+    The workers are not persistent: each epoch's iterator starts them afresh, seeded from
+    torch's global RNG, which ``seed_epoch`` has just seeded from (seed, epoch). So the crops
+    and flips of epoch k depend on (seed, epoch, the number of workers) alone, and a fit
+    resumed at epoch k draws exactly what an unbroken one draws (persistent workers would
+    carry their RNG state over from the epochs before). Starting them costs a fork each per
+    epoch: nothing beside an ImageNet epoch."""
+    if workers <= 0:
         return {"num_workers": 0}
-    workers = max(2, threads)
-    return {"num_workers": workers, "pin_memory": True, "prefetch_factor": 4,
-            "persistent_workers": True}
+    return {"num_workers": workers, "pin_memory": device.type == "cuda", "prefetch_factor": 4,
+            "persistent_workers": False}
+
+
+def train_device(group: HeadGroup) -> torch.device:
+    """The device of a Train worker: its CUDA device with ``train.use_gpu`` (CUDA there, or
+    ``DeviceMissing``), else the CPU."""
+    if not group.use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
+    devices.task_device(1, f"the head training of {group.backbone} (train.use_gpu)")
+    return ray.train.torch.get_device()
+
+
+def process_group_backend(group: HeadGroup) -> str:
+    """The collectives of a fit: NCCL between GPUs, gloo on CPUs."""
+    return "nccl" if group.use_gpu else "gloo"
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -226,10 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(group.num_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cpu")
-    if group.use_gpu:
-        devices.task_device(1, f"the head training of {group.backbone} (train.use_gpu)")
-        device = ray.train.torch.get_device()
+    device = train_device(group)
     devices.set_precision(device, group.tf32, group.deterministic)
     backbone = load_backbone(group.backbone, weights=group.weights).to(device)
     if config.get("weights_id") and backbone.weights_id != config["weights_id"]:
@@ -244,7 +268,7 @@ def train_loop_per_worker(config: dict) -> None:
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                  seed=config["seed"], drop_last=False)
     loader = DataLoader(dataset, batch_size=max(1, group.batch_size // world),
-                        sampler=sampler, **loader_options(device, group.num_threads))
+                        sampler=sampler, **loader_options(device, group.loader_workers))
     for epoch in range(start, group.epochs):
         sampler.set_epoch(epoch)
         seed_epoch(config["seed"], epoch)      # the sampler's shuffle is seeded by set_epoch
@@ -270,6 +294,8 @@ def fit_heads(group: HeadGroup, *, name: str, seed: int, storage: Storage,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from harness.pipeline.process_group import LoopbackTorchConfig
+
     config = {"group": group, "seed": seed, "weights_id": weights_id,
               "tracking_uri": tracking_uri if live_curves else None,
               "run_ids": run_ids or {},
@@ -277,8 +303,9 @@ def fit_heads(group: HeadGroup, *, name: str, seed: int, storage: Storage,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
+        torch_config=LoopbackTorchConfig(backend=process_group_backend(group)),
         scaling_config=ScalingConfig(num_workers=group.workers, use_gpu=group.use_gpu,
-                                     resources_per_worker={"CPU": group.num_threads},
+                                     resources_per_worker=worker_resources(group),
                                      placement_strategy=group.placement.upper()),
         run_config=RunConfig(name=name, **storage.ray_storage(),
                              failure_config=FailureConfig(max_failures=max_failures),
@@ -287,8 +314,7 @@ def fit_heads(group: HeadGroup, *, name: str, seed: int, storage: Storage,
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"head training {name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "heads.pt", map_location="cpu", weights_only=True)
+    state = read_checkpoint(result.checkpoint, "cpu")
     if state["epoch"] + 1 < group.epochs:
         raise RuntimeError(f"head training {name} stopped at epoch {state['epoch'] + 1}/"
                            f"{group.epochs}")
@@ -299,9 +325,16 @@ def fit_heads(group: HeadGroup, *, name: str, seed: int, storage: Storage,
     return state
 
 
-def head_identity(group: HeadGroup, head: HeadPlan, weights_id: str) -> dict:
-    """Everything that determines a trained head (its cache file is named by a hash of it)."""
-    out = {"backbone": group.backbone, "weights": weights_id,
+def worker_resources(group: HeadGroup) -> dict[str, float]:
+    """What each Train worker holds: its CPUs, and one GPU with ``train.use_gpu``."""
+    return {"CPU": group.cpus, **({"GPU": 1.0} if group.use_gpu else {})}
+
+
+def head_identity(group: HeadGroup, head: HeadPlan, weights_id: str,
+                  train_files: str | None = None) -> dict:
+    """Everything that determines a trained head (its cache file is named by a hash of it):
+    the training images by their listing's digest (``train_files``: names, sizes, times)."""
+    out = {"backbone": group.backbone, "weights": weights_id, "train_files": train_files,
            "group": [group.backbone, group.batch_size, group.workers, group.use_gpu,
                      group.images.identity()],
            "cfg": train_config_dict(head.config), "train_version": TRAIN_VERSION}
@@ -345,7 +378,8 @@ def head_files(plan: Plan, inputs: Inputs, storage: Storage) -> dict[str, str]:
     for group in plan.head_groups:
         wid = inputs.weights_id(group.backbone)
         for head in group.heads:
-            name = f"{head.mode}-{stable_hash(head_identity(group, head, wid))}.pt"
+            identity = head_identity(group, head, wid, inputs.train_files.get(group.backbone))
+            name = f"{head.mode}-{stable_hash(identity)}.pt"
             files[f"{group.backbone}/{head.method_id}"] = storage.path("heads", group.backbone,
                                                                       name)
     return files
@@ -376,87 +410,3 @@ def head_refs(plan: Plan, storage: Storage, files: dict[str, str]) -> dict[str, 
 def missing_heads(plan: Plan, files: dict[str, str], storage: Storage) -> bool:
     return any(not storage.exists(files[f"{g.backbone}/{h.method_id}"])
                for g in plan.head_groups for h in g.heads)
-
-
-def _fit_name(group: HeadGroup, files: list[str]) -> str:
-    return f"heads-{group.backbone}-{stable_hash([f.rsplit('/', 1)[-1] for f in files], 10)}"
-
-
-def train_heads(plan: Plan, inputs: Inputs, storage: Storage, tracking_uri: str,
-                run_ids: dict[str, str], progress) -> dict[str, str]:
-    """Train every head not in the storage (one Ray Train fit per group, resumable: its
-    checkpoints are in the storage too); returns ``head_files``. The fits of different
-    backbones run at the same time (Ray places their workers as resources allow), and each
-    group's heads are written as soon as its fit ends. ``progress(label, done, total)``
-    follows the epochs of each fit."""
-    files = head_files(plan, inputs, storage)
-    fits = []
-    for group in plan.head_groups:
-        missing = [h for h in group.heads
-                   if not storage.exists(files[f"{group.backbone}/{h.method_id}"])]
-        if missing:
-            group = dataclasses.replace(group, heads=tuple(missing))
-            paths = {h.method_id: files[f"{group.backbone}/{h.method_id}"] for h in missing}
-            fits.append(_Fit(group, paths, _fit_name(group, list(paths.values()))))
-    if not fits:
-        return files
-    for fit in fits:
-        progress(fit.label, 0, fit.group.epochs)
-    with ThreadPoolExecutor(len(fits)) as pool:
-        running = {pool.submit(
-            fit_heads, fit.group, name=fit.name, seed=plan.seed, storage=storage,
-            tracking_uri=tracking_uri, run_ids={hid: run_ids[fit.run_key(hid)] for hid in fit.paths},
-            progress=fit.epochs_done(storage), live_curves=curves_reach_tracking(tracking_uri),
-            weights_id=inputs.weights_id(fit.group.backbone)): fit for fit in fits}
-        while running:
-            done, _ = wait(running, timeout=0.5 if storage.local else 2.0)
-            for future in done:                       # written before any other fit ends
-                fit = running.pop(future)
-                state = future.result()
-                progress(fit.label, fit.group.epochs, fit.group.epochs)
-                write_heads(state["heads"], inputs.backbones[fit.group.backbone], fit.group,
-                            fit.paths, storage, {"fit": fit.name,
-                                                 "train_nodes": state.get("nodes", [])})
-                _tag_train_nodes(tracking_uri, [run_ids[fit.run_key(h)] for h in fit.paths],
-                                 state.get("nodes", []))
-            for fit in running.values():
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    progress(fit.label, json.loads(storage.read_bytes(
-                        fit.epochs_done(storage)))["epoch"], fit.group.epochs)
-    return files
-
-
-@dataclasses.dataclass(frozen=True)
-class _Fit:
-    """One head group to train: its missing heads' storage paths and the fit's name."""
-
-    group: HeadGroup
-    paths: dict[str, str]                  # head id -> storage path of its file
-    name: str
-
-    @property
-    def label(self) -> str:
-        return f"train heads {self.group.backbone} ({len(self.paths)})"
-
-    def run_key(self, head_id: str) -> str:
-        return f"{self.group.backbone}/{head_id}"
-
-    def epochs_done(self, storage: Storage) -> str:
-        return storage.path("ray_results", f"{self.name}.progress.json")
-
-
-def _tag_train_nodes(tracking_uri: str, run_ids: list[str], nodes: list[str]) -> None:
-    """Tag ``train_nodes``: the Ray node ids of the fit's workers (rank order)."""
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(tracking_uri)
-    for run_id in run_ids:
-        client.set_tag(run_id, "train_nodes", ",".join(nodes))
-
-
-def curves_reach_tracking(tracking_uri: str) -> bool:
-    """Whether the training workers can log their curves as they train: the store is a
-    server, or Ray has a single node (a file store is only on the driver's node)."""
-    if tracking_uri.startswith(("http://", "https://", "databricks")):
-        return True
-    import ray
-    return sum(1 for n in ray.nodes() if n.get("Alive")) <= 1

@@ -30,11 +30,31 @@ class Inputs:
     prepared: dict = field(default_factory=dict)      # backbone name -> Prepared (decoded)
     backbones: dict = field(default_factory=dict)     # backbone name -> SplitBackbone (CPU)
 
+    refs: dict = field(default_factory=dict)          # backbone name -> PreparedRef
+    train_files: dict = field(default_factory=dict)   # backbone name -> training listing digest
+
     def weights_id(self, name: str) -> str:
         return self.backbones[name].weights_id
 
+    def prepared_ref(self, name: str):
+        """``name``'s prepared set as the workers receive it (``PreparedRef``): on a Ray
+        cluster of several nodes its files go into the object store once, so that no node
+        decodes the images again (or needs them at all)."""
+        if name not in self.refs:
+            from harness.data.prepared import ref_of
+            self.refs[name] = ref_of(self.prepared[name], ship=_several_nodes())
+        return self.refs[name]
+
     def images(self, name: str) -> int:
         return len(self.datasets[name])
+
+
+def _several_nodes() -> bool:
+    import sys
+    if "ray" not in sys.modules:
+        return False
+    import ray
+    return ray.is_initialized() and sum(1 for n in ray.nodes() if n.get("Alive")) > 1
 
 
 def _quickstart(progress: Callable[[str, int, int | None], None]) -> None:
@@ -64,6 +84,11 @@ def prepare_data(plan: Plan, progress: Callable[[str, int, int | None], None],
                                 f"selected were skipped (first: {ds.bad[0][1]})" if ds.bad
                                 else f"no images to evaluate for {name}")
             inputs.datasets[name] = ds
+        for group in plan.head_groups:     # what the heads train on, by its listing
+            if group.backbone not in inputs.train_files:
+                progress(f"list training images for {group.backbone}", 0, None)
+                inputs.train_files[group.backbone] = group.images.build().info["files"]
+                progress(f"list training images for {group.backbone}", 1, 1)
     except DataError as err:
         raise InputRefused(f"{err}\nnothing was started: fix the data or set "
                            "data.on_bad_image: skip") from None
@@ -73,12 +98,35 @@ def prepare_data(plan: Plan, progress: Callable[[str, int, int | None], None],
 def load_backbones(plan: Plan, inputs: Inputs,
                    progress: Callable[[str, int, int | None], None]) -> None:
     """Load each backbone on the driver (CPU) and check its input size against its images."""
-    from harness.data.models import load_backbone
+    import backbones
+    from harness.data.models import default_weights, load_backbone
     for name, images in plan.images.items():
+        dataset = inputs.datasets[name]
+        declared = backbones.REGISTRY.get(name).meta.get("num_classes")
+        if declared and plan.weights[name] in (default_weights(name), "embedded"):
+            check_classes(name, int(declared), dataset)   # before an embedded one trains
         progress(f"backbone {name}", 0, None)
-        bb = load_backbone(name, weights=plan.weights[name])
+        try:
+            bb = load_backbone(name, weights=plan.weights[name])
+        except backbones.WeightsError as err:
+            raise InputRefused(f"backbone {name}: {err}\nnothing was started") from None
         progress(f"backbone {name}", 1, 1)
         if tuple(bb.input_size) != tuple(images.input_size):
             raise RuntimeError(f"backbone {name}: its registry entry says input size "
                                f"{images.input_size}, the model {tuple(bb.input_size)}")
+        check_classes(name, bb.num_classes, dataset)
         inputs.backbones[name] = bb
+
+
+def check_classes(name: str, num_classes: int, dataset) -> None:
+    """Refuse (``InputRefused``, exit 2) a backbone whose classifier has another number of
+    classes than the data set: its top-1 would index other classes than the labels, and
+    every number and figure would be about the wrong classes."""
+    classes = getattr(dataset, "class_list", None)
+    if classes is None or len(classes) == num_classes:
+        return
+    raise InputRefused(
+        f"backbone {name} has {num_classes} output classes, but the data set "
+        f"{dataset.name!r} has {len(classes)} ({classes.source}); nothing was started. "
+        "Give a backbone trained on these classes (backbones[].weights: its state_dict), or "
+        "the data set it was trained on (data.root, data.classes)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import backbones
@@ -52,6 +53,8 @@ class ImageSet:
     train: bool = False
     resize: int | None = None          # the weights' own (torchvision families), else the rule
     interpolation: str = "bilinear"
+    classes: str | None = None         # a class-list file (harness.data.folders)
+    name: str | None = None            # the data set's name (tables, MLflow)
 
     def build(self):
         """The data set (reads the image list; evaluation sets under ``skip`` decode too)."""
@@ -62,7 +65,8 @@ class ImageSet:
         """What determines these images, for cache names: the fields, without the weights'
         preprocessing when it is the default (existing heads keep their names)."""
         out = dataclasses.asdict(self)
-        for key, default in (("resize", None), ("interpolation", "bilinear")):
+        for key, default in (("resize", None), ("interpolation", "bilinear"), ("classes", None),
+                             ("name", None)):
             if out[key] == default:
                 del out[key]
         return out
@@ -109,6 +113,8 @@ class HeadGroup:
     tf32: bool = False                  # TF32 on CUDA (off: float32)
     deterministic: bool = False         # deterministic algorithms (GPU: see heads.py)
     placement: str = "pack"             # Ray Train's placement of the workers: pack | spread
+    cpus: float = 1.0                   # CPUs of each Train worker (train.cpus_per_worker)
+    loader_workers: int = 0             # DataLoader processes per Train worker
 
     @property
     def epochs(self) -> int:
@@ -145,8 +151,9 @@ class Cell:
 @dataclass(frozen=True)
 class EvaluationPlan:
     """How maps are scored and how the evaluation is sharded over Ray tasks; ``metrics``
-    (``ad_ic`` and the causal ones, ``harness.metrics.causal``) and ``statistics`` (the
-    intervals and tests of ``harness.metrics.statistics``)."""
+    (the names the spec lists: ``ad_ic`` and the others of ``harness.metrics.registry``),
+    ``metric_settings`` ((name, settings) of the entries written with settings) and
+    ``statistics`` (the intervals and tests of ``harness.metrics.statistics``)."""
 
     fractions: tuple[float, ...]
     preset: ProtocolPreset
@@ -159,6 +166,7 @@ class EvaluationPlan:
     gpus_per_task: float
     max_retries: int
     metrics: tuple[str, ...] = ("ad_ic",)
+    metric_settings: tuple[tuple[str, dict], ...] = ()
     causal_steps: int = 224
     causal_canvas: str = "rise"
     causal_batch_size: int = 64
@@ -173,16 +181,21 @@ class EvaluationPlan:
 
     @property
     def causal(self) -> tuple[str, ...]:
-        """The causal metrics asked for (deletion, insertion), in the spec's order."""
+        """The metrics listed besides ``ad_ic`` (deletion, insertion, road, ...), in the
+        spec's order."""
         return tuple(m for m in self.metrics if m != "ad_ic")
 
-    def causal_identity(self) -> dict:
-        """What the causal metrics add to a cell's shard identity: nothing when none are
-        asked for (so the folders of existing cells keep their names)."""
-        if not self.causal:
-            return {}
-        return {"causal": {"metrics": list(self.causal), "steps": self.causal_steps,
-                           "canvas": self.causal_canvas, "batch": self.causal_batch_size}}
+    def measures(self) -> list:
+        """The per-image metrics of the shards, with their settings, in column order
+        (``harness.metrics.registry.planned``)."""
+        from harness.metrics.registry import planned
+        return planned(self)
+
+    def metrics_identity(self) -> dict:
+        """What the listed metrics add to a cell's shard identity (their settings): nothing
+        when only ``ad_ic`` is (``harness.metrics.registry.identity``)."""
+        from harness.metrics.registry import identity
+        return identity(self)
 
 
 @dataclass(frozen=True)
@@ -217,7 +230,7 @@ def image_set(spec, backbone: str, train: bool) -> ImageSet:
     if isinstance(list_file, str) and list_file.startswith("builtin:"):
         list_file = "paper"                       # the shipped Evaluation_2000.txt
     pre = backbones.preprocessing(backbone, spec.backbone(backbone).weights)
-    own = d.kind == "imagenet"        # the quickstart's images keep their rule (no crop)
+    own = d.kind != "quickstart"      # the quickstart's images keep their rule (no crop)
     return ImageSet(kind=d.kind, split="train" if train else "val",
                     input_size=pre.crop, root=d.root,
                     list_file=None if train else list_file,
@@ -225,7 +238,8 @@ def image_set(spec, backbone: str, train: bool) -> ImageSet:
                     limit=d.train_limit if train else d.limit, seed=spec.seed,
                     on_bad_image=d.on_bad_image, train=train,
                     resize=pre.resize if own else None,
-                    interpolation=pre.interpolation if own else "bilinear")
+                    interpolation=pre.interpolation if own else "bilinear",
+                    classes=d.classes, name=d.name)
 
 
 def train_config(spec, backbone, method, **changes) -> TrainConfig:
@@ -262,17 +276,17 @@ def _head_groups(spec, cells: list[Cell]) -> tuple[HeadGroup, ...]:
             continue
         t = spec.train_for(spec.backbone(cell.backbone), spec.method(cell.method_id))
         key = (cell.backbone, t.batch_size, t.workers, bool(t.use_gpu), t.tf32,
-               t.deterministic, t.placement)
+               t.deterministic, t.placement, t.cpus_per_worker, t.loader_processes())
         groups.setdefault(key, []).append(cell.head)
     weights = {b.name: b.weights for b in spec.backbones}
     return tuple(HeadGroup(backbone=name, weights=weights[name],
                            images=image_set(spec, name, train=True), batch_size=batch,
                            workers=workers, use_gpu=gpu,
-                           num_threads=max(1, int(spec.sharding.cpus_per_task)),
+                           num_threads=max(1, int(cpus) - loaders) if loaders else max(1, int(cpus)),
                            heads=tuple(heads), tf32=tf32, deterministic=deterministic,
-                           placement=placement)
-                 for (name, batch, workers, gpu, tf32, deterministic, placement), heads
-                 in groups.items())
+                           placement=placement, cpus=cpus, loader_workers=loaders)
+                 for (name, batch, workers, gpu, tf32, deterministic, placement, cpus,
+                      loaders), heads in groups.items())
 
 
 def statistics_settings(spec) -> StatisticsSettings:
@@ -294,7 +308,8 @@ def plan(spec) -> Plan:
         batch_size=ev.batch_size, overlays=ev.overlays, autocast=ev.autocast,
         channels_last=ev.channels_last, images_per_task=sh.images_per_task,
         cpus_per_task=sh.cpus_per_task, gpus_per_task=sh.gpus_per_task,
-        max_retries=sh.max_retries, metrics=tuple(ev.metrics), causal_steps=ev.causal_steps,
+        max_retries=sh.max_retries, metrics=tuple(ev.metric_names()),
+        metric_settings=ev.metric_settings(), causal_steps=ev.causal_steps,
         causal_canvas=ev.causal_canvas, causal_batch_size=ev.causal_batch_size,
         statistics=statistics_settings(spec), tf32=ev.tf32, deterministic=ev.deterministic,
         stall_timeout_s=sh.stall_timeout_s)
@@ -310,7 +325,9 @@ def describe(p: Plan) -> list[str]:
     for name, images in p.images.items():
         n = images.expected_count()
         shards = -(-n // ev.images_per_task) if n else None
-        lines.append(f"{name}: {n if n is not None else 'all'} images ({images.kind} "
+        label = images.name or (Path(images.root).name if images.kind == "folder" and images.root
+                                else images.kind)
+        lines.append(f"{name}: {n if n is not None else 'all'} images ({label} "
                      f"{images.split}), {shards if shards else '?'} shard(s) of "
                      f"{ev.images_per_task} per method")
         for c in p.cells_of(name):
@@ -322,6 +339,7 @@ def describe(p: Plan) -> list[str]:
     for g in p.head_groups:
         lines.append(f"heads {g.backbone}: {len(g.heads)} trained together, {g.epochs} epoch(s), "
                      f"batch {g.batch_size}, {g.workers} worker(s){' on GPU' if g.use_gpu else ''}"
+                     f" of {g.cpus:g} CPU and {g.loader_workers} loader process(es) each"
                      f"{f' ({g.placement})' if g.workers > 1 else ''}"
                      f", images: {g.images.expected_count() or 'all'} ({g.images.split})")
     return lines

@@ -46,7 +46,8 @@ def demands(plan: Plan) -> list[Demand]:
                   ev.cpus_per_task, ev.gpus_per_task)]
     for g in plan.head_groups:
         out.append(Demand(f"the head training of {g.backbone} ({g.workers} worker(s))",
-                          "train.workers/use_gpu", g.num_threads, 1.0 if g.use_gpu else 0.0,
+                          "train.workers/cpus_per_worker/use_gpu", g.cpus,
+                          1.0 if g.use_gpu else 0.0,
                           g.workers))
     return out
 
@@ -82,6 +83,23 @@ def problems(wanted: list[Demand], nodes: list[dict[str, float]]) -> list[str]:
                        f"node{f', {d.count} at once' if d.count > 1 else ''}, but {cluster}. "
                        "Lower the request or add nodes")
     return out
+
+
+def slots(d: Demand, nodes: list[dict[str, float]],
+          reserved: list[Demand] = ()) -> int:
+    """How many units of ``d`` (an evaluation worker, say) fit on ``nodes`` next to
+    ``reserved`` (head fits that are running or about to start), each reserved unit taken
+    from the node with the most room for it, as Ray would place it."""
+    room = [dict(n) for n in nodes]
+    for r in reserved:
+        for _ in range(r.count):
+            fits_here = [n for n in room if n["CPU"] + 1e-9 >= r.cpus and n["GPU"] + 1e-9 >= r.gpus]
+            if not fits_here:
+                return 0                  # the fit waits for room: add no workers beside it
+            n = max(fits_here, key=lambda m: (m["GPU"] - r.gpus, m["CPU"] - r.cpus))
+            n["CPU"] -= r.cpus
+            n["GPU"] -= r.gpus
+    return fits(Demand(d.what, d.field, d.cpus, d.gpus, 1), room)
 
 
 def check(wanted: list[Demand], nodes: list[dict[str, float]] | None = None) -> None:

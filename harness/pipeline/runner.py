@@ -1,12 +1,15 @@
 """``python -m harness run SPEC``: a benchmark, as a sequence of stages over its plan.
 
     plan = plan(spec)                              what will be computed (pure)
+    check_cluster_first(spec, plan)                what the cluster can never run: exit 2, before
+                                                   anything is made (GPUs: CUDA on every node)
     inputs = prepare_data(plan); load_backbones()  data made and checked (bad input: exit 2)
-    init_ray(...); resources.check(...)            only if something is left to compute;
-                                                   what can never be scheduled: exit 2
+    init_ray(...); cluster.check_nodes(...)        only if something is left to compute
     open_runs(...)                                 MLflow: a parent run, a child per cell
-    heads = train_heads(...)                       Ray Train, one fit per head group, cached
-    works = shard_jobs(...); evaluate(...)         Ray tasks: shards, then each cell's analysis
+    train_and_evaluate(...)                        at once: the heads train (Ray Train, one fit
+                                                   per head group, cached) while long-lived Ray
+                                                   workers evaluate the cells ready: shards,
+                                                   then each cell's analysis
     record_cell(...) for each cell; show(...)      numbers and files to MLflow, Table 1
 
 Everything finished is kept under the cache (``storage.uri``) and reused: a rerun only
@@ -29,8 +32,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from harness.data.cache import cache_dir, check_persistent, use_storage, write_text_atomic
 from harness.data.storage import Storage
 from harness.pipeline import cluster, ray_runtime, resources
-from harness.pipeline.evaluation import evaluate, shard_jobs
-from harness.pipeline.heads import head_files, head_refs, missing_heads, train_heads
+from harness.pipeline.evaluation import CellWork, Evaluation, failed_work, shard_jobs
+from harness.pipeline.heads import head_files, head_refs, missing_heads
+from harness.pipeline.training import HeadTraining
 from harness.pipeline.inputs import load_backbones, prepare_data
 from harness.pipeline.plan import Plan, plan as make_plan
 from harness.results.record import common_tags, open_runs, record_cell, show
@@ -88,6 +92,23 @@ def _progress(console: Console) -> Progress:
                     TimeElapsedColumn(), console=console, transient=False)
 
 
+def check_cluster_first(spec, plan: Plan) -> None:
+    """What the cluster can never run is refused before the data are made or a backbone is
+    trained (minutes on a cold cache): on a cluster (``ray.address``, ``RAY_ADDRESS``) or when
+    GPUs are asked for, Ray is joined or started now and its nodes are checked
+    (``resources.check``, ``cluster.check_gpus``); a local CPU run is checked against this
+    machine without starting Ray (a rerun that only re-aggregates never starts it)."""
+    wanted = resources.demands(plan)
+    if ray_runtime.cluster_address(spec.ray.address) is None and not cluster.asks_for_gpus(plan):
+        resources.check(wanted, [{"CPU": float(spec.ray.num_cpus or os.cpu_count() or 1),
+                                  "GPU": 0.0}])
+        return
+    init_ray(spec)
+    resources.check(wanted)
+    if cluster.asks_for_gpus(plan):
+        cluster.check_gpus()
+
+
 def left_to_compute(plan: Plan, inputs, storage: Storage) -> bool:
     """Whether any head, shard or analysis of the plan is not in the storage yet (a rerun
     that only re-aggregates starts no Ray)."""
@@ -108,6 +129,8 @@ def run_benchmark(spec, console: Console | None = None) -> RunResult:
     console, clock = console or make_console(), Stopwatch()
     uri, storage = prepare_locations(spec)
     root, plan = cache_dir(), make_plan(spec)
+    with clock("ray"):
+        check_cluster_first(spec, plan)
     with _progress(console) as progress:
         with clock("data"):
             inputs = prepare_data(plan, _Bars(progress), root)
@@ -116,24 +139,20 @@ def run_benchmark(spec, console: Console | None = None) -> RunResult:
     if left_to_compute(plan, inputs, storage):
         with clock("ray"):
             init_ray(spec)
-            resources.check(resources.demands(plan))
             cluster.check_nodes(cluster.data_roots(plan), storage, trains=missing_heads(
-                plan, head_files(plan, inputs, storage), storage))
+                plan, head_files(plan, inputs, storage), storage),
+                store_roots_of=cluster.store_roots(plan))
     tracker = Tracker(plan.experiment, uri)
     spec_file = _save_spec(spec, root)
     tags = common_tags(plan, spec.tracking.tags)
     parent_id = tracker.parent_run(spec.name, spec.fingerprint(), tags)
-    result, run_ids, completed = RunResult(parent_id, tracker.uri), {}, False
+    result, run_ids, completed, works = RunResult(parent_id, tracker.uri), {}, False, []
     try:
         with _progress(console) as progress:
             bars = _Bars(progress)
             with clock("tracking"):
                 run_ids = open_runs(plan, inputs, tracker, parent_id, tags)
-            with clock("heads"):
-                heads = train_heads(plan, inputs, storage, tracker.uri, run_ids, bars)
-            works = shard_jobs(plan, inputs, head_refs(plan, storage, heads), storage)
-            with clock("evaluation"):
-                evaluate(plan, works, bars)
+            works = train_and_evaluate(plan, inputs, storage, tracker.uri, run_ids, bars, clock)
         with clock("tracking"):
             for work in works:
                 tracker.log(run_ids[work.cell.key], tags={"shard_dir": work.folder})
@@ -145,36 +164,117 @@ def run_benchmark(spec, console: Console | None = None) -> RunResult:
         completed = True
     finally:
         _close_runs(tracker, parent_id, run_ids, ok=completed and not result.failed)
+    inside = _task_seconds(works if completed else [])
+    _log_time(clock, inside, tracker, parent_id)    # before the report: its page shows them
     with clock("tracking"):
         show(plan, inputs, result.metrics, tracker, parent_id, root / "reports" / parent_id,
              console)
-    _record_time(clock, works if completed else [], tracker, parent_id, console)
+    _log_time(clock, inside, tracker, parent_id)    # the tracking span now with the report
+    _print_time(clock, inside, console)
     _raise_failures(plan, result, console)
     return result
 
 
+def train_and_evaluate(plan: Plan, inputs, storage: Storage, tracking_uri: str,
+                       run_ids: dict[str, str], progress, clock: "Stopwatch") -> list:
+    """The heads train (``HeadTraining``, in background threads) while the evaluation
+    (``Evaluation``) runs every cell that needs no trained head; a learned cell joins as soon
+    as its fit ends, and the evaluation's workers grow into what each ended fit held. The
+    cells' works in plan order; a cell whose head failed to train has its ``error`` set."""
+    training = HeadTraining(plan, inputs, storage, tracking_uri, run_ids, progress)
+    ready = [c.key for c in plan.cells if not training.waits_for(c.key)]
+    works: dict[str, CellWork] = {}
+    with Evaluation(plan, progress) as evaluation:
+
+        def add(keys: list[str]) -> None:
+            if not keys:
+                return
+            heads = head_refs(plan, storage, {k: training.files[k] for k in keys
+                                              if k in training.files})
+            for work in shard_jobs(plan, inputs, heads, storage, keys):
+                works[work.cell.key] = work
+                evaluation.add(work)
+
+        clock.begin("evaluation")
+        add(ready)
+        if training.fits:
+            clock.begin("heads")
+        training.start()
+        stall = plan.evaluation.stall_timeout_s
+        while training.running or evaluation.busy:
+            evaluation.resize(training.demands())
+            evaluation.step(0.5 if training.running else stall)
+            add(training.poll())
+            if training.fits and not training.running:
+                clock.end("heads")
+        clock.end("evaluation")
+    for key, error in training.failed.items():
+        cell = next(c for c in plan.cells if c.key == key)
+        works[key] = failed_work(plan, inputs, storage, cell, error)
+    return [works[c.key] for c in plan.cells]
+
+
 class Stopwatch(dict):
-    """Wall-clock seconds per stage of the driver: ``with clock("heads"): ...`` adds up."""
+    """Wall-clock seconds per stage of the driver: ``with clock("heads"): ...`` adds up, and
+    ``spans`` keeps when each stage first began and last ended (seconds since the clock
+    started), where stages overlap (the heads train while the evaluation runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.zero = time.perf_counter()
+        self.spans: dict[str, list[float]] = {}
+        self._open: dict[str, float] = {}
+
+    def begin(self, stage: str) -> None:
+        now = time.perf_counter()
+        self._open.setdefault(stage, now)
+        self.spans.setdefault(stage, [now - self.zero, now - self.zero])
+
+    def end(self, stage: str) -> None:
+        start = self._open.pop(stage, None)
+        if start is None:
+            return
+        now = time.perf_counter()
+        self[stage] = self.get(stage, 0.0) + now - start
+        self.spans[stage][1] = now - self.zero
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
-        start = time.perf_counter()
+        self.begin(stage)
         try:
             yield
         finally:
-            self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
+            self.end(stage)
 
 
-def _record_time(clock: Stopwatch, works, tracker: Tracker, parent_id: str, console) -> None:
-    """Where the run's time went: the driver's stages, and the seconds inside the Ray tasks
-    per stage (summed over tasks: on N workers they overlap), to MLflow and under the table."""
+def _task_seconds(works) -> dict[str, float]:
+    """The seconds inside the Ray tasks per stage, summed over tasks (on N workers they
+    overlap)."""
     inside: dict[str, float] = {}
     for work in works:
         for stage, sec in work.task_seconds().items():
             inside[stage] = inside.get(stage, 0.0) + sec
+    return inside
+
+
+def _log_time(clock: Stopwatch, inside: dict[str, float], tracker: Tracker,
+              parent_id: str) -> None:
+    """Where the run's time went, to the parent run: the driver's stages
+    (``seconds_<stage>``), the seconds inside the tasks (``task_seconds_<stage>``) and when
+    the overlapping stages began and ended (``began_``/``ended_<stage>``)."""
+    overlapping = [k for k in ("heads", "evaluation") if k in clock.spans]
     tracker.log(parent_id, metrics={**{f"seconds_{k}": v for k, v in clock.items()},
-                                    **{f"task_seconds_{k}": v for k, v in inside.items()}})
-    console.print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in clock.items())
+                                    **{f"task_seconds_{k}": v for k, v in inside.items()},
+                                    **{f"{edge}_{k}": clock.spans[k][i] for k in overlapping
+                                       for i, edge in enumerate(("began", "ended"))}})
+
+
+def _print_time(clock: Stopwatch, inside: dict[str, float], console) -> None:
+    """The same, one line under the table."""
+    overlapping = [k for k in ("heads", "evaluation") if k in clock.spans]
+    console.print("time: " + ", ".join(
+        f"{k} {v:.1f} s" + (f" (at {clock.spans[k][0]:.0f}-{clock.spans[k][1]:.0f} s)"
+                            if k in overlapping else "") for k, v in clock.items())
                   + (" (inside the tasks: " + ", ".join(f"{k} {v:.1f} s"
                                                         for k, v in inside.items()) + ")"
                      if inside else ""))

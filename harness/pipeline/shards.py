@@ -1,15 +1,16 @@
-"""What runs inside the evaluation's Ray tasks: shards of images, then each cell's analysis.
+"""What runs inside the evaluation's Ray workers: shards of images, then each cell's analysis.
 
-``run_shard(ShardJob)`` loads the backbone, the explainer and the images *inside the task*
-(cached per worker process; no model is captured in a closure), explains its slice of the
+``run_shard(ShardJob)`` loads the backbone, the explainer and the images *inside the worker*
+(cached per worker process, which is long-lived: ``harness.pipeline.workers``; no model is
+captured in a closure), explains its slice of the
 cell's images and scores them with ``harness.metrics.protocol.Evaluator``: one row per image
 (``harness.metrics.aggregate`` lists the columns). The first shard of a cell also keeps the
 maps of its first images. ``run_analysis(AnalysisJob)`` runs once all shards of a cell exist,
 on the same resources: the overlay grid of the kept maps, and the error analysis, class
 gallery, shortcut figure and sanity randomisation of ``harness.results.analysis``. All
-per-image work happens in these tasks; the driver only aggregates rows and records files.
+per-image work happens in these jobs; the driver only aggregates rows and records files.
 
-The tasks write nothing shared: they *return* their rows, maps and files through Ray's object
+The jobs write nothing shared: they *return* their rows, maps and files through Ray's object
 store and the driver writes them to the run's storage (``harness.data.storage``), so a
 cluster needs no shared filesystem. What a task reads is node-local and rebuilt where
 missing, deterministically: the quickstart data, the embedded backbone's weights and the
@@ -25,6 +26,7 @@ import dataclasses
 import io
 import os
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,8 +38,8 @@ import pyarrow as pa
 import torch
 
 from harness.data.cache import atomic_write, cache_dir
-from harness.metrics import causal, localisation
-from harness.metrics.aggregate import columns
+from harness.data.prepared import PreparedRef
+from harness.metrics.base import Batch
 from harness.metrics.protocol import Evaluator
 from harness.pipeline import devices
 from harness.pipeline.faults import shard_fault
@@ -73,7 +75,7 @@ class ShardJob:
 
     cell: Cell
     images: ImageSet
-    list_hash: str                    # the evaluation list the driver resolved
+    prepared: PreparedRef             # the driver's decoded images (and list hash)
     weights_id: str                   # the weights the driver loaded
     evaluation: EvaluationPlan
     head: HeadRef | None              # the L-CAM head (learned methods)
@@ -89,7 +91,7 @@ class AnalysisJob:
 
     cell: Cell
     images: ImageSet
-    list_hash: str
+    prepared: PreparedRef
     weights_id: str
     evaluation: EvaluationPlan
     head: HeadRef | None
@@ -106,22 +108,28 @@ def _load_backbone(name: str, weights: Any, device: str, channels_last: bool = F
 
 
 @lru_cache(maxsize=4)
-def _load_prepared(images: ImageSet, list_hash: str):
-    """The node's prepared images of ``images``, made here from its own copy of the data when
-    missing (the quickstart data set is generated too), and checked against the driver's."""
-    from harness.data.prepared import Prepared, folder, prepare
-    path = folder(cache_dir(), images, list_hash)
-    if not path.is_dir():
-        dataset = images.build()
-        if dataset.list_hash != list_hash:
-            raise InputMismatch(f"node {socket.gethostname()} resolved another evaluation list "
-                                f"({dataset.list_hash}) than the driver ({list_hash}) from "
-                                f"{images.root or images.kind}: its data differs")
-        return prepare(images, dataset, cache_dir())
-    return Prepared(path)
+def _load_prepared(images: ImageSet, ref: PreparedRef):
+    """The driver's prepared images: from the node's cache, written there from the object
+    store on first use (``PreparedRef``); on a single node without shipped data, made here
+    from the node's own copy of the data when missing, and checked against the driver's."""
+    from harness.data.prepared import prepare
+    found = ref.local(cache_dir())
+    if found is not None:
+        return found
+    dataset = images.build()
+    if dataset.list_hash != ref.list_hash:
+        raise InputMismatch(f"node {socket.gethostname()} resolved another evaluation list "
+                            f"({dataset.list_hash}) than the driver ({ref.list_hash}) from "
+                            f"{images.root or images.kind}: its data differs")
+    made = prepare(images, dataset, cache_dir())
+    if made.path.name != ref.name:
+        raise InputMismatch(f"node {socket.gethostname()} prepared other images "
+                            f"({made.path.name}) than the driver ({ref.name}) from "
+                            f"{images.root or images.kind}: its files differ")
+    return made
 
 
-def _prepare(job, **changes):
+def _prepare(job, role: str = "shard", **changes):
     """``(device, backbone, explainer)`` of a task (``harness.pipeline.devices``: the
     device, a GPU asked for or an error, float32 unless asked); under ``autocast`` the
     explainer gets a view of the backbone whose passes alone run in reduced precision.
@@ -129,19 +137,48 @@ def _prepare(job, **changes):
     import methods
     cell, evaluation = job.cell, job.evaluation
     torch.set_num_threads(evaluation.num_threads)
-    device = devices.task_device(evaluation.gpus_per_task, f"the shard task of {cell.key}")
+    device = devices.task_device(evaluation.gpus_per_task, f"the {role} job of {cell.key}")
     devices.set_precision(device, evaluation.tf32, evaluation.deterministic)
     backbone = _load_backbone(cell.backbone, cell.weights, str(device), evaluation.channels_last)
     if backbone.weights_id != job.weights_id:
         raise InputMismatch(f"node {socket.gethostname()} has other weights for "
                             f"{cell.backbone} ({backbone.weights_id}) than the driver "
                             f"({job.weights_id}): their builds differ")
-    seen = backbone
-    if evaluation.autocast:
-        seen = backbone.with_autocast(torch.float16 if device.type == "cuda" else torch.bfloat16)
-    head = {"checkpoint": job.head.local_path()} if job.head else {}
-    params = dict(cell.params, **head, **changes)
-    return device, backbone, methods.create(cell.method, seen, variant=cell.variant, **params)
+    key = (cell.key, cell.method, cell.variant, repr(sorted(cell.params.items())),
+           repr(sorted(changes.items())), job.head.name if job.head else None, job.weights_id,
+           str(device), evaluation.autocast, evaluation.channels_last)
+    explainer = _EXPLAINERS.get(key)
+    if explainer is None:
+        seen = backbone
+        if evaluation.autocast:
+            seen = backbone.with_autocast(torch.float16 if device.type == "cuda"
+                                          else torch.bfloat16)
+        head = {"checkpoint": job.head.local_path()} if job.head else {}
+        params = dict(cell.params, **head, **changes)
+        explainer = methods.create(cell.method, seen, variant=cell.variant, **params)
+        _EXPLAINERS.put(key, explainer)
+    return device, backbone, explainer
+
+
+class _Recent(dict):
+    """The last ``size`` values put, by key (the oldest is dropped first)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def put(self, key, value) -> None:
+        self.pop(key, None)
+        self[key] = value
+        while len(self) > self.size:
+            del self[next(iter(self))]
+
+
+#: The explainers of this process, by everything that makes one (cell, parameters, head,
+#: weights, device, precision): a long-lived worker (``harness.pipeline.workers``) builds each
+#: once (an L-CAM head loaded once, RISE's masks made once) for all the shards of its cell.
+#: Explaining draws nothing from torch's global RNG, so a reused explainer gives the same maps.
+_EXPLAINERS = _Recent(4)
 
 
 def explain_batch(explainer, images: torch.Tensor, autocast: bool) -> torch.Tensor:
@@ -154,25 +191,40 @@ def explain_batch(explainer, images: torch.Tensor, autocast: bool) -> torch.Tens
 
 
 class _Rows:
-    """The per-image rows of one shard, filled batch by batch."""
+    """The per-image rows of one shard, filled batch by batch: the image's identity, AD/IC's
+    columns (Y, O_<k>), the explanation's (degenerate, forwards, seconds, shard), then the
+    columns of every other metric of the run (``EvaluationPlan.measures``), as each declares
+    them (``Metric.columns``)."""
 
-    def __init__(self, fractions, extra: tuple[str, ...] = ()):
-        self.fractions = fractions
+    def __init__(self, measures):
+        self.measures = measures
+        first, *rest = measures               # AD/IC
         self.data: dict[str, list] = {k: [] for k in (
-            "image_id", "class_explained", "ground_truth", "Y", *columns(fractions),
-            "degenerate", "forward_passes", "seconds", "shard", *localisation.COLUMNS, *extra)}
+            "image_id", "class_explained", "ground_truth", *first.columns(),
+            "degenerate", "forward_passes", "seconds", "shard",
+            *(c for m in rest for c in m.columns()))}
 
-    def add(self, items, scores, degenerate, energy, fw: float, seconds: float, shard: int):
+    def score(self, batch: Batch) -> dict[str, list]:
+        """Every metric's columns for ``batch``, checked against their declarations."""
+        out: dict[str, list] = {}
+        for metric in self.measures:
+            found = metric.score(batch)
+            if set(found) != set(metric.columns()) or any(
+                    len(v) != len(batch.images) for v in found.values()):
+                raise RuntimeError(f"metric {metric.name} wrote the columns "
+                                   f"{sorted(found)}, declared {sorted(metric.columns())} "
+                                   f"with one value per image")
+            out.update(found)
+        return out
+
+    def add(self, items, scores, degenerate, measured, fw: float, seconds: float, shard: int):
         d = self.data
-        for col in energy:      # localisation columns, and the causal ones when asked for
-            d[col] += energy[col]
+        for col in measured:      # every metric's columns (AD/IC's Y and O_<k> among them)
+            d[col] += measured[col]
         for j, (_, label, image_id) in enumerate(items):
             d["image_id"].append(str(image_id))
             d["class_explained"].append(int(scores.targets[j]))
             d["ground_truth"].append(int(label))
-            d["Y"].append(float(scores.y[j]))
-            for col, value in zip(columns(self.fractions), scores.o[j].tolist()):
-                d[col].append(float(value))
             d["degenerate"].append(bool(degenerate[j]))
             d["forward_passes"].append(float(fw))
             d["seconds"].append(seconds)
@@ -268,8 +320,8 @@ def run_shard(job: ShardJob) -> dict:
     device, backbone, explainer = _prepare(job)
     clock = _Clock(device)
     evaluator = Evaluator(backbone, ev.fractions, ev.preset)
-    images_of = _load_prepared(job.images, job.list_hash)
-    rows = _Rows(ev.fractions, causal.columns_for(ev.causal))
+    images_of = _load_prepared(job.images, job.prepared)
+    rows = _Rows(ev.measures())
     kept = {"images": [], "maps": [], "ids": []}
     for indices, images in _batches(images_of, job.indices, ev.batch_size, device,
                                     ev.channels_last, clock):
@@ -279,11 +331,11 @@ def run_shard(job: ShardJob) -> dict:
         seconds = (time.perf_counter() - start) / len(indices)
         items = [(None, images_of.labels[i], images_of.ids[i]) for i in indices]
         with clock.stage("score"):
-            extra = {**localisation.energy_columns(images_of, indices, saliency),
-                     **causal.shard_columns(backbone, images, saliency, scores.targets,
-                                            ev.causal, ev.causal_steps, ev.causal_canvas,
-                                            ev.causal_batch_size)}
-        rows.add(items, scores, scores.degenerate | degenerate, extra, fw, seconds, job.shard)
+            measured = rows.score(Batch(backbone, images, saliency, scores.targets,
+                                        scores=scores, dataset=images_of,
+                                        indices=tuple(indices)))
+        rows.add(items, scores, scores.degenerate | degenerate, measured, fw, seconds,
+                 job.shard)
         room = job.save_maps - len(kept["ids"])
         if room > 0:
             kept["images"] += list(images[:room].cpu())
@@ -305,6 +357,8 @@ def run_shard(job: ShardJob) -> dict:
 
 
 def _node_id() -> str | None:
+    if "ray" not in sys.modules:                       # outside Ray: never import it here
+        return None
     try:
         import ray
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
@@ -320,7 +374,7 @@ def run_analysis(job: AnalysisJob) -> dict:
     from harness.results import analysis
     from harness.results.overlays import save_overlay_grid
     started = time.perf_counter()
-    _, backbone, explainer = _prepare(job)
+    _, backbone, explainer = _prepare(job, role="analysis")
     with tempfile.TemporaryDirectory(prefix="analysis-") as tmp:
         out, paths = Path(tmp), []
         if job.maps:
@@ -330,7 +384,7 @@ def run_analysis(job: AnalysisJob) -> dict:
         metrics: dict[str, float] = {}
         if job.evaluation.overlays:
             found = analysis.analyse(backbone, explainer,
-                                     _load_prepared(job.images, job.list_hash),
+                                     _load_prepared(job.images, job.prepared),
                                      out / "analysis", per_image=job.rows, seed=job.seed,
                                      sanity_images=1 if job.cell.family == "perturbation"
                                      else None)

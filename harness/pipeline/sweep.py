@@ -121,7 +121,7 @@ def trial(config: dict, base: TrialBase) -> None:
     train_set = Subset(base.images.build(), list(base.train_idx))
     val_set = Subset(dataclasses.replace(base.images, train=False).build(), list(base.val_idx))
     gen = torch.Generator().manual_seed(cfg.seed)
-    options = loader_options(device, base.threads)
+    options = loader_options(device, max(2, base.threads) if device.type == "cuda" else 0)
     train_loader = DataLoader(train_set, batch_size=base.batch_size, shuffle=True,
                               generator=gen, **options)
     val_loader = DataLoader(val_set, batch_size=base.batch_size, **options)

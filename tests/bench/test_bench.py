@@ -8,7 +8,6 @@ benchmark itself (see harness/bench.py), not by the test suite.
 """
 from __future__ import annotations
 
-import os
 import argparse
 import json
 import math
@@ -115,3 +114,26 @@ def test_memory_peaks_split_anonymous_from_mapped_file_pages(tmp_path):
     assert mapped["rss"] - before["rss"] > 48 * 2**20
     assert mapped["anon"] - before["anon"] < 16 * 2**20
     assert allocated["anon"] - mapped["anon"] > 48 * 2**20
+
+
+def test_training_input_measures_each_number_of_loader_processes(tmp_path, capsys):
+    """``--training-input``: one row per number of loader processes, every image of the
+    generated set delivered in each (``images`` is counted from the batches), in the JSON."""
+    out = tmp_path / "ti.json"
+    args = _args(tmp_path, training_input=True, training_input_workers=[0, 1],
+                 training_input_images=8, batch=4, size=32, out=str(out))
+    assert bench.main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["schema"] == "lcam-bench/training-input/1" and res["images"] == 8
+    assert list(res["workers"]) == ["0", "1"]
+    assert all(r["images"] == 8 and r["images_per_s"] > 0 and r["first_batch_s"] > 0
+               for r in res["workers"].values())
+    assert "loader processes" in capsys.readouterr().out
+
+
+def test_training_input_refuses_a_set_smaller_than_a_batch(tmp_path, capsys):
+    args = _args(tmp_path, training_input=True, training_input_workers=[0],
+                 training_input_images=2, batch=4)
+    assert bench.main(args) == 2
+    assert "--training-input-images >= --batch" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -9,14 +9,13 @@ are pinned the same way in every run (``test_user_commands.py``).
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+import golden
 from services import user_env, workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.full]
@@ -33,7 +32,6 @@ def test_quickstart_numbers_are_the_pinned_ones(tmp_path):
     runs = client.search_runs([exp.experiment_id], "tags.harness_role = 'method'",
                               max_results=100)
     got = {r.data.tags["run_key"]: r.data.metrics for r in runs}
-    want = json.loads((Path(__file__).parent / "golden" / "quickstart.json").read_text())["runs"]
-    assert set(got) == set(want)
-    for key, metrics in want.items():
-        assert {k: got[key][k] for k in metrics} == metrics, key
+    rec = golden.pinned("quickstart")
+    assert set(got) == set(rec["runs"])
+    assert not golden.differences(got, rec)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import methods
-from methods import lcam, lcam_train
+from methods import lcam_train
 from methods.base import ExplainerInputError
 from methods.lcam import (CE_ONLY_LAMBDAS, PAPER_LAMBDAS, AttentionHead, area_loss, lcam_loss,
                           load_head, select_maps, training_forward, tv_loss)

@@ -214,7 +214,7 @@ def test_weights_file_of_another_model_is_refused(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, path)
     with pytest.raises(WeightsError) as err:
         backbones.load("resnet50", weights=str(path))
-    assert "weights:" in str(err.value) and "is not a resnet50 state_dict" in str(err.value)
+    assert "weights:" in str(err.value) and "holds no resnet50 parameters" in str(err.value)
 
 
 def test_unknown_backbone_argument_is_named():
