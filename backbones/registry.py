@@ -85,6 +85,7 @@ class Registry:
         self._plugins: dict[str, Entry | UnusableNameError] = {}   # resolved once per process
         self._refused: dict[str, str] = {}
         self._deferred: list[Callable[[], Any]] = []
+        self._prefixes: dict[str, Callable[[str, str], Entry]] = {}
 
     def defer(self, load: Callable[[], Any]) -> None:
         """Register more entries only when they are first looked for: ``load()`` (an import
@@ -110,6 +111,15 @@ class Registry:
 
         return decorate
 
+    def add_prefix(self, prefix: str, resolve: Callable[[str, str], Entry]) -> None:
+        """Answer ``<prefix>:<rest>`` with ``resolve(name, rest)``: another library's objects
+        adapted by name (``pgc:LayerCAM``), before class references (which look alike). It
+        raises ``UnusableNameError`` (with the choices or the install) when it cannot."""
+        self._prefixes[prefix] = resolve
+
+    def prefixes(self) -> list[str]:
+        return sorted(self._prefixes)
+
     def refuse(self, name: str, reason: str) -> None:
         """Answer ``name`` with ``reason`` (a known model this registry cannot hold)."""
         self._refused[name] = reason
@@ -127,6 +137,13 @@ class Registry:
         if name in self._refused:
             raise UnusableNameError(f"{self.kind} {name!r} is refused: {self._refused[name]}")
         found = self._plugins.get(name)
+        prefix, _, rest = name.partition(":")
+        if found is None and rest and prefix in self._prefixes:
+            try:
+                found = self._prefixes[prefix](name, rest)
+            except UnusableNameError as err:
+                found = err
+            self._plugins[name] = found
         if found is None and self._adopt is not None:
             found = self._resolve(name)
             if found is not None:           # a miss is not kept: a plugin may be installed

@@ -18,7 +18,8 @@ same seed give the same maps; the declared #FW (``forward_passes`` =
 ``planned_forward_passes``) equals the rows reaching the backbone's first layer per image
 (docs/protocol.md 2.4: a one-pass method's single pass; otherwise the clean pass plus
 ``last_forward_passes`` <= #FW, less only by an exact saving); targets honoured (the maps of
-two classes differ, and a batch with mixed targets equals one call per image); batch
+two classes differ, unless the class declares ``class_agnostic``, and a batch with mixed
+targets equals one call per image); batch
 independence (image a explained with b equals a alone); nothing left on the backbone (hooks,
 ``requires_grad``, gradients, training mode).
 
@@ -228,14 +229,15 @@ def _forward_pass_problems(cls, ex, bb, x: torch.Tensor) -> tuple[str | None, di
     return None, measured
 
 
-def _targets_problems(make, x: torch.Tensor, c: torch.Tensor) -> str | None:
+def _targets_problems(make, x: torch.Tensor, c: torch.Tensor,
+                      class_agnostic: bool = False) -> str | None:
     a = x[:1]
     mixed = make().explain(a.expand(2, -1, -1, -1).clone(), c)
     one = make().explain(a, c[:1])
     two = make().explain(a, c[1:])
     problems = [f"mixed-target batch row {i} vs its own call: {d}" for i, d in
                 ((0, _differs(mixed[0], one[0])), (1, _differs(mixed[1], two[0]))) if d]
-    if float((one - two).abs().max()) <= 1e-3:
+    if not class_agnostic and float((one - two).abs().max()) <= 1e-3:
         problems.append(f"the maps of classes {int(c[0])} and {int(c[1])} are the same")
     return "; ".join(problems) or None
 
@@ -287,7 +289,8 @@ def check_explainer(cls: Any, backbone: SplitBackbone | None = None, *,
         return problem
 
     checks.run("forward passes", forward_passes)
-    checks.run("targets", lambda: _targets_problems(make, x, c))
+    checks.run("targets", lambda: _targets_problems(make, x, c,
+                                                    bool(getattr(cls, "class_agnostic", False))))
     checks.run("batch independence", lambda: _differs(make().explain(x[:1])[0], maps[0]))
     checks.run("backbone left clean", lambda: _hygiene(bb, hooks_before))
     return checks.finish(measured)

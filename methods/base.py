@@ -57,7 +57,10 @@ class Explainer:
 
     Class attributes set by subclasses: ``name`` (registry key), ``display_name``,
     ``family`` ('gradient' | 'perturbation' | 'learned'), ``variants`` (first = default),
-    ``params`` (name -> Param), ``version`` (bumped whenever outputs can change).
+    ``params`` (name -> Param), ``version`` (bumped whenever outputs can change),
+    ``class_agnostic`` (True: the map ignores the explained class by definition, as
+    Eigen-CAM's principal component; the conformance kit then does not ask two classes'
+    maps to differ).
     """
 
     name = "base"
@@ -67,6 +70,7 @@ class Explainer:
     version = 1
     variants: tuple[str, ...] = ("paper",)
     params: dict[str, Param] = {}
+    class_agnostic = False
 
     def __init__(self, backbone: nn.Module, variant: str | None = None, **params: Any):
         self.backbone = backbone

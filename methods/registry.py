@@ -2,7 +2,8 @@
 
 Built-in methods register with ``register``; plugins (entry points of the group
 ``lcam_bench.methods``, or a class reference ``package.module:Class``) are resolved by the
-same registry on first use and checked by ``methods.plugins.adopt_method``.
+same registry on first use and checked by ``methods.plugins.adopt_method``; ``pgc:<Class>``
+names a pytorch-grad-cam method (``methods.ecosystem``).
 """
 from backbones.registry import Registry
 
@@ -27,3 +28,21 @@ def register(cls):
     REGISTRY.register(cls.name, display_name=cls.display_name, family=cls.family,
                       paper=cls.paper)(cls)
     return cls
+
+
+def _pgc(name: str, rest: str):
+    """``pgc:<Class>``: a pytorch-grad-cam method (``methods.ecosystem``)."""
+    from backbones.plugins import PluginError
+    from backbones.registry import Entry
+
+    from .base import ExplainerInputError
+    from .ecosystem import pgc_method
+    try:
+        cls = pgc_method(rest)
+    except ExplainerInputError as err:
+        raise PluginError(str(err)) from None
+    return Entry(name, cls, {"display_name": cls.display_name, "family": cls.family,
+                             "paper": cls.paper}, origin="pytorch-grad-cam")
+
+
+REGISTRY.add_prefix("pgc", _pgc)

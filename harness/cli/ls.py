@@ -87,6 +87,17 @@ def backbones_table():
     return t
 
 
+def adapted_line() -> str:
+    """The other libraries' methods a spec may name by prefix (methods.ecosystem)."""
+    from importlib.util import find_spec
+
+    from methods.ecosystem import PGC_METHODS, PREFIX
+    names = ", ".join(f"{PREFIX}:{n}" for n in PGC_METHODS)
+    state = ("installed" if find_spec("pytorch_grad_cam") else
+             "not installed: pip install 'lcam-bench[pgc]'")
+    return f"pytorch-grad-cam's methods ({state}): {names}"
+
+
 def refused_line() -> str:
     import backbones
     refused = sorted(backbones.REGISTRY.refused())
@@ -115,6 +126,7 @@ def main(args: argparse.Namespace) -> int:
     from harness.terminal import make_console
     console = make_console()
     console.print(methods_table())
+    console.print(adapted_line(), highlight=False)
     console.print(backbones_table())
     console.print(refused_line(), highlight=False)
     console.print(jobs_table())

@@ -106,7 +106,15 @@ def cell_identity(plan: Plan, inputs: Inputs, cell: Cell, head_hash: str | None)
             "per_task": ev.images_per_task, "batch": ev.batch_size, "head": head_hash,
             "method_version": methods.method_class(cell.method).version,
             "rows_version": ROWS_VERSION, "autocast": ev.autocast,
-            "channels_last": ev.channels_last, **ev.metrics_identity(), **_device_identity(ev)}
+            "channels_last": ev.channels_last, **ev.metrics_identity(), **_device_identity(ev),
+            **_library_identity(cell.method)}
+
+
+def _library_identity(method: str) -> dict:
+    """The library and version behind an adapted method (``pgc:LayerCAM``: grad-cam 1.5.7),
+    whose numbers change with it; absent for the harness's own methods."""
+    library = getattr(methods.method_class(method), "library", None)
+    return {"library": library} if library else {}
 
 
 def _device_identity(ev) -> dict:
