@@ -553,7 +553,7 @@ def test_evaluator_with_nan_inf_maps_and_underflowing_y():
     """NaN, inf, constant and empty maps are degenerate (scored as all-zero maps); a target
     probability that underflows to 0 or is tiny gives finite Y, O and AD/IC."""
     from harness.metrics.protocol import Evaluator
-    base = torch.zeros(7, 2)
+    base = torch.tensor([[2.0, -1.0]]).repeat(7, 1)   # masking moves every image's O
     base[5] = torch.tensor([200.0, -200.0])        # class 1: probability underflows to 0
     base[6] = torch.tensor([0.0, 40.0])            # class 0: about 1e-35 on the clean image
     ev = Evaluator(_Toy(base), (1.0, 0.5, 0.15))
@@ -572,6 +572,8 @@ def test_evaluator_with_nan_inf_maps_and_underflowing_y():
     for j in range(4):                             # degenerate = scored with an all-zero map
         zero = ev.evaluate(images[j:j + 1], torch.zeros(1, 8, 8), targets[j:j + 1])
         assert torch.equal(scores.o[j], zero.o[0])
+        kept = ev.evaluate(images[j:j + 1], maps[4:5], targets[j:j + 1])   # a proper map
+        assert not torch.equal(zero.o[0], kept.o[0])   # the map matters: O could differ
     out = Evaluator.summarise(scores.y, scores.o, ev.fractions)
     assert all(math.isfinite(v) for v in out.values()), out
 
