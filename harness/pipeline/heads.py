@@ -279,12 +279,14 @@ def train_loop_per_worker(config: dict) -> None:
 
 def fit_heads(group: HeadGroup, *, name: str, seed: int, storage: Storage,
               tracking_uri: str | None = None, run_ids: dict[str, str] | None = None,
-              progress: str | None = None, max_failures: int = 2,
+              progress: str | None = None, max_failures: int = 3,
               live_curves: bool = True, weights_id: str | None = None) -> dict[str, Any]:
     """Run (or resume) one Ray Train fit of ``group``: the last epoch's state, ``{"heads":
     {head id: state_dict}, "nodes": [Ray node id per rank], "history": [...], "epoch"}``.
 
-    ``name`` and ``storage`` identify the fit: the same pair resumes it. ``run_ids``
+    ``name`` and ``storage`` identify the fit: the same pair resumes it. ``max_failures``:
+    worker-group failures survived (a lost node often costs two: the loss, then a restart
+    placed on the node before Ray has noticed it is gone; seen in the two-node test). ``run_ids``
     (head id -> MLflow run) receive the training curves: from rank 0 as it trains when
     ``live_curves`` (its node must reach ``tracking_uri``), else from this process after the
     fit, out of the checkpoint's history. ``progress`` (a path in the storage, which every
