@@ -137,6 +137,28 @@ def file_lock(path: str | Path) -> FileLock:
     return FileLock(str(path))
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it, for every
+    thread): Linux's /proc, else the common 022."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def temporary_file(folder: str | Path, name: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``folder`` (hidden, ``.<name>.<random><suffix>``), with the
+    permissions an ``open()`` would give the file (0666 less the umask) instead of
+    mkstemp's 0600: results renamed into place (shards, reports, weights, MLflow's copies of
+    them) stay readable by whoever may read the folder."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=folder)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Write ``path`` in one step, so that readers see the old file or the whole new one.
 
@@ -146,7 +168,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = temporary_file(path.parent, path.name)
     os.close(fd)
     tmp = Path(name)
     try:

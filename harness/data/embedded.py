@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch.nn import functional as F
 from backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from backbones.embedded import ARCHS, INPUT_SIZE, VERSION, state_hash
 from backbones.registry import WeightsError
-from harness.data.cache import cache_dir, file_lock
+from harness.data.cache import cache_dir, file_lock, temporary_file
 
 MIN_VAL_ACCURACY = 0.95
 
@@ -232,8 +231,7 @@ def ensure_embedded_weights(name: str, progress=None, isolated: bool = True) -> 
         if not (path.is_file() and side.is_file()):
             for stale in path.parent.glob(f".{path.stem}.*"):   # a killed trainer's (lock held)
                 stale.unlink(missing_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt",
-                                            dir=path.parent)
+            fd, tmp_name = temporary_file(path.parent, path.stem, suffix=".pt")
             os.close(fd)
             tmp = Path(tmp_name)
             try:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from harness.data.cache import temporary_file
 
 
 class Storage:
@@ -78,7 +79,7 @@ class Storage:
             with self.fs.open_output_stream(path) as f:
                 f.write(data)
             return path
-        fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=parent)
+        fd, tmp = temporary_file(parent, Path(path).name)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -107,7 +108,7 @@ class Storage:
         if not dest.is_file():
             dest.parent.mkdir(parents=True, exist_ok=True)
             data = self.read_bytes(path)
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+            fd, tmp = temporary_file(dest.parent, dest.name)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, dest)

@@ -68,3 +68,21 @@ def test_a_local_storage_holds_the_cache_unless_one_is_named(tmp_path, monkeypat
     assert cache_dir() == tmp_path / "env"
     use_storage("s3://bucket/results", tmp_path / "spec-cache")  # the spec's cache wins
     assert cache_dir() == tmp_path / "spec-cache"
+
+
+def test_results_written_atomically_get_the_permissions_open_would_give(tmp_path):
+    """mkstemp makes 0600 files; a result renamed into place (and MLflow's copy of it) must
+    be readable as any file the user writes: 0666 less the umask."""
+    import os
+    import stat
+
+    from harness.data.storage import Storage
+    old = os.umask(0o027)
+    try:
+        text = write_text_atomic(tmp_path / "report.html", "<html></html>")
+        store = Storage(tmp_path / "store")
+        rows = store.write_bytes(store.path("shards", "rows.parquet"), b"rows")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(text).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(rows).st_mode) == 0o640
