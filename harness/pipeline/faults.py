@@ -5,12 +5,14 @@ kill what a real cluster loses, from inside the harness's own processes, at a ch
 
 - ``HARNESS_TEST_KILL_SHARD=<method_id>:<shard>``: the worker process running that shard
   (``shard_fault``; Ray retries the task, ``sharding.max_retries``);
+- ``HARNESS_TEST_FAIL_SHARD=<method_id>:<shard>``: that shard raises (a method's own error,
+  every time: not retried by the driver, only by Ray's ``sharding.max_retries``);
 - ``HARNESS_TEST_KILL_TRAIN=<epoch>:<batch>``: the rank-0 Ray Train worker at that batch of
   that epoch (``train_fault``; ``FailureConfig`` restarts the group from the last checkpoint);
 - ``HARNESS_TEST_KILL_NODE=train:<epoch>:<batch>,shard``: the whole Ray node (its raylet) of
   a training worker or of the first shard that runs off the head node (``kill_this_node``).
 
-Each fires once: a marker file created atomically (``O_CREAT | O_EXCL``, ``first_time``) in
+The kills fire once: a marker file created atomically (``O_CREAT | O_EXCL``, ``first_time``) in
 the node's cache (``test-faults/``), or for node kills in ``HARNESS_TEST_FAULT_MARKERS`` (a
 folder every node sees), lets the retry, and any later run, proceed normally.
 """
@@ -55,6 +57,9 @@ def shard_fault(method_id: str, cell_key: str, shard: int) -> None:
     """Called as a shard task starts: the shard and node kills above."""
     if "shard" in os.environ.get("HARNESS_TEST_KILL_NODE", "").split(","):
         kill_this_node("shard")
+    if os.environ.get("HARNESS_TEST_FAIL_SHARD") == f"{method_id}:{shard}":
+        raise RuntimeError(f"planted failure of shard {shard} of {method_id} "
+                           "(HARNESS_TEST_FAIL_SHARD)")
     if os.environ.get("HARNESS_TEST_KILL_SHARD") != f"{method_id}:{shard}":
         return
     if first_time(cache_dir() / "test-faults" / f"killed-{cell_key.replace('/', '-')}-{shard}"):

@@ -286,7 +286,8 @@ class ShardingSection(Section):
     images_per_task: Int = Field(50, ge=1, description="evaluation images per Ray task")
     cpus_per_task: Float = Field(1.0, gt=0, description="CPUs per task")
     gpus_per_task: Float = Field(0.0, ge=0, description="GPUs per task (fractions share one)")
-    max_retries: Int = Field(3, ge=0, description="retries of a failed task")
+    max_retries: Int = Field(3, ge=0, description=(
+        "retries of a shard that failed (a lost worker's shards are sent again apart)"))
     stall_timeout_s: Float = Field(21600.0, gt=0, description=(
         "the run fails if no task finishes in this many seconds (a lost node, say)"))
 

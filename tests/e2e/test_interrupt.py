@@ -73,7 +73,7 @@ def test_ctrl_c_exits_130_with_nothing_half_written(tmp_path):
 def test_a_failing_method_ends_failed_and_the_others_finish(tmp_path):
     root = workspace(tmp_path)
     res = subprocess.run([sys.executable, "-m", "harness", "run", *SPEC], cwd=root,
-                         env=user_env(tmp_path / "home", HARNESS_TEST_KILL_SHARD="gradcam:1"),
+                         env=user_env(tmp_path / "home", HARNESS_TEST_FAIL_SHARD="gradcam:1"),
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
     assert "1 method run(s) failed: tiny_vgg/gradcam" in res.stdout + res.stderr
