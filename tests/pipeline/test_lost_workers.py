@@ -8,12 +8,16 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
-from harness.pipeline import evaluation as ev_mod
-from harness.pipeline.evaluation import Evaluation
-from harness.pipeline.workers import LOST_WORKER_RETRIES, WorkerPool, actor_options
+from harness.pipeline import ray_runtime
+
+ray_runtime.prepare_environment(None)      # before ray is imported (loopback-only Ray)
+import ray  # noqa: E402
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError  # noqa: E402
+
+from harness.pipeline import evaluation as ev_mod  # noqa: E402
+from harness.pipeline.evaluation import Evaluation  # noqa: E402
+from harness.pipeline.workers import LOST_WORKER_RETRIES, WorkerPool, actor_options  # noqa: E402
 
 
 class Pool:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import ray.train
 import torch
 
-from harness.pipeline import heads
+from harness.pipeline import heads, ray_runtime
+
+ray_runtime.prepare_environment(None)      # before ray is imported (loopback-only Ray)
+import ray.train  # noqa: E402
 
 
 def _parts(seed: int):
