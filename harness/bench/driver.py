@@ -273,10 +273,17 @@ def _dispatch(args: argparse.Namespace, console) -> int:
         return 2
     from harness.pipeline import ray_runtime
     ray_runtime.prepare_environment(None)             # before ray is imported
-    results = {"schema": "lcam-bench/dispatch/1", "argv": sys.argv,
-               "environment": _environment(args), **dispatch.run(args)}
+    return _write_and_show(args, console, "dispatch", dispatch.run(args), dispatch.table)
+
+
+def _write_and_show(args: argparse.Namespace, console, kind: str, measured: dict,
+                    table) -> int:
+    """The results of one bench mode (schema ``lcam-bench/<kind>/1``, the command line and
+    the environment) written atomically to ``--out``, then its table."""
+    results = {"schema": f"lcam-bench/{kind}/1", "argv": sys.argv,
+               "environment": _environment(args), **measured}
     write_json_atomic(results, Path(args.out))
-    console.print(dispatch.table(results))
+    console.print(table(results))
     console.print(f"wrote {args.out}")
     return 0
 
@@ -290,12 +297,8 @@ def _training_input(args: argparse.Namespace, console) -> int:
               "--training-input-images >= --batch and --training-input-workers >= 0",
               file=sys.stderr)
         return 2
-    results = {"schema": "lcam-bench/training-input/1", "argv": sys.argv,
-               "environment": _environment(args), **training_input.run(args)}
-    write_json_atomic(results, Path(args.out))
-    console.print(training_input.table(results))
-    console.print(f"wrote {args.out}")
-    return 0
+    return _write_and_show(args, console, "training-input", training_input.run(args),
+                           training_input.table)
 
 
 def _validate(args: argparse.Namespace, console) -> int:
@@ -305,13 +308,9 @@ def _validate(args: argparse.Namespace, console) -> int:
         print(f"error: --validate needs a spec file (not found: {args.validate}) and "
               "--validate-repeats >= 1", file=sys.stderr)
         return 2
-    results = {"schema": "lcam-bench/validate/1", "argv": sys.argv,
-               "environment": _environment(args),
-               **validate_time.run(args.validate, args.validate_repeats)}
-    write_json_atomic(results, Path(args.out))
-    console.print(validate_time.table(results))
-    console.print(f"wrote {args.out}")
-    return 0
+    return _write_and_show(args, console, "validate",
+                           validate_time.run(args.validate, args.validate_repeats),
+                           validate_time.table)
 
 
 def _pipeline(args: argparse.Namespace, console) -> int:
